@@ -1,0 +1,64 @@
+"""The typed contract between a drafter and the engine.
+
+Candidates form a tree over the verifier's pending token (the root, which the engine already
+holds and which has no entry here). Node i holds ``tokens[i]``; ``parents[i]`` is the index of
+its parent node, or -1 for a child of the root. A chain of k drafted tokens is the one-branch
+tree ``parents = [-1, 0, 1, ..., k-2]``. Nodes are topologically ordered (parent before child).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import SamplingParams
+
+
+@dataclass
+class Candidates:
+    tokens: torch.Tensor  # [n] long: drafted token ids
+    parents: torch.Tensor  # [n] long: parent node index, -1 = the pending token
+    # [n, V] float: the drafter's probability q(. | path) at each node, from which tokens[i] was
+    # sampled. None means a deterministic drafter (q is one-hot on tokens[i]).
+    draft_probs: torch.Tensor | None = None
+
+    @classmethod
+    def chain(cls, tokens, draft_probs: torch.Tensor | None = None) -> "Candidates":
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        parents = torch.arange(-1, tokens.numel() - 1, dtype=torch.long)
+        return cls(tokens=tokens, parents=parents, draft_probs=draft_probs)
+
+    @classmethod
+    def empty(cls) -> "Candidates":
+        return cls.chain([])
+
+    def __len__(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def is_chain(self) -> bool:
+        n = len(self)
+        return bool(torch.equal(self.parents.cpu(), torch.arange(-1, n - 1)))
+
+    def __post_init__(self):
+        if self.tokens.shape != self.parents.shape or self.tokens.dim() != 1:
+            raise ValueError(f"tokens {tuple(self.tokens.shape)} and parents {tuple(self.parents.shape)} must be equal 1-D shapes")
+        if len(self) and bool((self.parents >= torch.arange(len(self))).any()):
+            raise ValueError(f"parents must point to earlier nodes (topological order): {self.parents.tolist()}")
+        if self.draft_probs is not None and self.draft_probs.shape[0] != len(self):
+            raise ValueError(f"draft_probs has {self.draft_probs.shape[0]} rows for {len(self)} candidate tokens")
+
+
+@dataclass
+class DraftContext:
+    # Every token so far (prompt + generated). The last one is the *pending* token: emitted by the
+    # verifier but not yet run through it, so it is the root of the next candidate tree.
+    tokens: list[int]
+    num_draft_tokens: int  # how many tokens to draft this step (a chain of this length, or tree depth)
+    sampling: SamplingParams
+    generator: torch.Generator | None = None
+    # For drafters with needs_hidden_states: the verifier's hidden states (one tensor per layer,
+    # embeddings first, as transformers returns them), each [m, H] for the m tokens the last
+    # forward accepted, ending with the row that predicted the pending token.
+    hidden_states: tuple[torch.Tensor, ...] | None = None

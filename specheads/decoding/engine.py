@@ -1,0 +1,211 @@
+"""The speculative decoding loop: draft -> verify in one forward -> accept -> roll back -> repeat.
+
+The engine owns the verifier's KV cache. Invariant between steps: the cache holds every token
+except the last (the *pending* token, which the verifier emitted but has not yet run). A verify
+step runs the pending token plus the drafted candidates in one forward, keeps the accepted
+prefix, crops the rejected positions from the cache, and appends the verifier's own next token,
+which becomes the new pending token. With no drafter (or zero drafts) this is plain decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..errors import SpecHeadsError
+from .candidates import Candidates, DraftContext
+from .draft_length import AdaptiveDraftLength, FixedDraftLength
+from .kv_cache import cache_kwargs, new_cache, truncate_cache
+from .metrics import DecodingStats
+from .sampling import SamplingParams
+from .verify import greedy_verify, speculative_sampling
+
+
+@dataclass
+class GenerationOutput:
+    prompt_ids: list[int]
+    token_ids: list[int]  # the new tokens only
+    finish_reason: str  # "eos" | "length" | "stop_string"
+    stats: DecodingStats = field(default_factory=DecodingStats)
+    text: str | None = None
+
+
+class SpeculativeDecoder:
+    """Speculative decoding with any ``Drafter`` over a transformers causal LM (batch size 1).
+
+    ``verifier`` is a ``specheads.verifier.Verifier`` (or any object with ``model``,
+    ``tokenizer`` and ``eos_token_ids``). ``drafter=None`` gives plain decoding through the same
+    loop, which is the fair baseline for speedups.
+    """
+
+    def __init__(self, verifier, drafter=None, *, num_draft_tokens: int = 4, adaptive: bool = False):
+        self.verifier = verifier
+        self.model = verifier.model
+        self.drafter = drafter
+        if num_draft_tokens < 0:
+            raise SpecHeadsError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+        self.num_draft_tokens = num_draft_tokens
+        self.adaptive = adaptive
+
+    # -- validation ---------------------------------------------------------------------------
+    def _check(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise SpecHeadsError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if len(prompt_ids) == 0:
+            raise SpecHeadsError("empty prompt: it has no tokens")
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise SpecHeadsError(f"prompt token ids {bad[:5]} are outside the verifier's vocabulary of {vocab}")
+        limit = getattr(self.verifier, "max_context", None)
+        if limit and len(prompt_ids) + max_new_tokens > limit:
+            raise SpecHeadsError(
+                f"prompt of {len(prompt_ids)} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                f"verifier's context of {limit} tokens"
+            )
+
+    # -- the loop -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams = SamplingParams(),
+        eos_token_ids: Sequence[int] | None = None,
+        stop_strings: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> GenerationOutput:
+        prompt_ids = [int(t) for t in prompt_ids]
+        self._check(prompt_ids, max_new_tokens)
+        eos = set(self.verifier.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        if stop_strings and getattr(self.verifier, "tokenizer", None) is None:
+            raise SpecHeadsError("stop_strings need a tokenizer; this verifier has none")
+        device = self.model.get_output_embeddings().weight.device
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+        drafter = self.drafter
+        wants_hidden = bool(drafter is not None and drafter.needs_hidden_states)
+        if drafter is None or self.num_draft_tokens == 0:
+            controller = FixedDraftLength(0)
+        elif self.adaptive:
+            controller = AdaptiveDraftLength(self.num_draft_tokens)
+        else:
+            controller = FixedDraftLength(self.num_draft_tokens)
+        stats = DecodingStats()
+        start = time.perf_counter()
+
+        # Prefill: run the prompt, emit the first token.
+        cache = new_cache(self.model)
+        cache_kw = cache_kwargs(self.model, cache)
+        out = self.model(
+            input_ids=torch.tensor([prompt_ids], device=device),
+            **cache_kw,
+            use_cache=True,
+            logits_to_keep=1,
+            output_hidden_states=wants_hidden,
+        )
+        first = self._sample_one(out.logits[0, -1], sampling, generator)
+        hidden = tuple(h[0, -1:] for h in out.hidden_states) if wants_hidden else None
+        tokens = prompt_ids + [first]
+        new = [first]
+        stats.prefill_s = time.perf_counter() - start
+        finish = self._finish_reason(new, 1, eos, max_new_tokens, stop_strings)
+        if drafter is not None:
+            drafter.start(prompt_ids)
+
+        while finish is None:
+            # Never draft past max_new_tokens: a step emits at most k + 1 tokens.
+            k = min(controller.choose(), max_new_tokens - len(new) - 1)
+            t0 = time.perf_counter()
+            if drafter is not None and k > 0:
+                cands = drafter.propose(DraftContext(tokens, k, sampling, generator, hidden))
+                cands = _clip(cands, k)
+            else:
+                cands = Candidates.empty()
+            t1 = time.perf_counter()
+            if not cands.is_chain:
+                raise NotImplementedError("tree candidates need tree attention, which this engine does not run yet")
+            step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)
+            out = self.model(
+                input_ids=step_ids[None],
+                **cache_kw,
+                use_cache=True,
+                output_hidden_states=wants_hidden,
+            )
+            logits = out.logits[0]
+            if sampling.greedy:
+                n_acc, nxt = greedy_verify(logits, cands.tokens.to(device))
+            else:
+                n_acc, nxt = speculative_sampling(
+                    sampling.probs(logits),
+                    cands.tokens.to(device),
+                    None if cands.draft_probs is None else cands.draft_probs.to(device),
+                    generator,
+                )
+            # Roll back: keep the pending token and the accepted drafts.
+            truncate_cache(cache, len(tokens) + n_acc)
+            t2 = time.perf_counter()
+            emitted = cands.tokens[:n_acc].tolist() + [nxt]
+            kept = self._cut_at_stop(emitted, new, eos, stop_strings)
+            tokens.extend(kept)
+            new.extend(kept)
+            if wants_hidden:
+                hidden = tuple(h[0, : n_acc + 1] for h in out.hidden_states)
+            stats.observe_step(len(cands), n_acc, len(kept))
+            stats.draft_s += t1 - t0
+            stats.verify_s += t2 - t1
+            controller.update(k, len(cands), n_acc, t2 - t1, t1 - t0)
+            if drafter is not None:
+                drafter.observe(n_acc, kept)
+            finish = self._finish_reason(new, len(kept), eos, max_new_tokens, stop_strings)
+
+        stats.new_tokens = len(new)
+        stats.total_s = time.perf_counter() - start
+        text = self.verifier.decode(new) if getattr(self.verifier, "tokenizer", None) is not None else None
+        return GenerationOutput(prompt_ids=prompt_ids, token_ids=new, finish_reason=finish, stats=stats, text=text)
+
+    # -- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def _sample_one(logits: torch.Tensor, sampling: SamplingParams, generator) -> int:
+        if sampling.greedy:
+            return int(logits.argmax())
+        return int(torch.multinomial(sampling.probs(logits[None])[0], 1, generator=generator))
+
+    def _cut_at_stop(self, emitted: list[int], new: list[int], eos: set, stop_strings) -> list[int]:
+        """The emitted tokens up to and including the first eos token or completed stop string."""
+        for i, t in enumerate(emitted):
+            if t in eos:
+                return emitted[: i + 1]
+            if stop_strings and self._ends_with_stop(new + emitted[: i + 1], stop_strings):
+                return emitted[: i + 1]
+        return emitted
+
+    def _ends_with_stop(self, new: list[int], stop_strings) -> bool:
+        # The last token completes a stop string when it appears in the tail's text but did
+        # not before that token was added.
+        tail_now = self.verifier.tokenizer.decode(new[-32:])
+        tail_before = self.verifier.tokenizer.decode(new[-32:-1])
+        return any(s in tail_now and s not in tail_before for s in stop_strings)
+
+    def _finish_reason(self, new: list[int], n_last: int, eos: set, max_new_tokens: int, stop_strings) -> str | None:
+        if new[-1] in eos:
+            return "eos"
+        if stop_strings and self._ends_with_stop(new, stop_strings):
+            return "stop_string"
+        if len(new) >= max_new_tokens:
+            return "length"
+        return None
+
+
+def _clip(cands: Candidates, k: int) -> Candidates:
+    """Guard against a drafter returning more than asked (a chain longer than k)."""
+    if len(cands) <= k or not cands.is_chain:
+        return cands
+    probs = None if cands.draft_probs is None else cands.draft_probs[:k]
+    return Candidates.chain(cands.tokens[:k], probs)

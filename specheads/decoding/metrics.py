@@ -1,0 +1,77 @@
+"""Acceptance statistics of a decoding run, counted as the papers count them.
+
+tau (mean accepted length) = tokens emitted per verify step, the verifier's own (recovered or
+bonus) token included; plain decoding has tau = 1. The prefill forward, which emits the first
+token, is not a verify step and is excluded from tau.
+acceptance_per_position[i] = of the verify steps that drafted at least i+1 tokens, the fraction
+in which draft token i+1 was accepted (so it is cumulative: position i needs all before it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DecodingStats:
+    verify_steps: int = 0
+    emitted_in_steps: int = 0
+    drafted_at: list[int] = field(default_factory=list)  # [position] -> steps that drafted it
+    accepted_at: list[int] = field(default_factory=list)  # [position] -> steps that accepted it
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    verify_s: float = 0.0  # time in verifier forwards of verify steps
+    draft_s: float = 0.0  # time in the drafter
+    total_s: float = 0.0
+
+    def observe_step(self, num_drafted: int, num_accepted: int, num_emitted: int) -> None:
+        self.verify_steps += 1
+        self.emitted_in_steps += num_emitted
+        while len(self.drafted_at) < num_drafted:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        for i in range(num_drafted):
+            self.drafted_at[i] += 1
+        for i in range(num_accepted):
+            self.accepted_at[i] += 1
+
+    def merge(self, other: "DecodingStats") -> None:
+        self.verify_steps += other.verify_steps
+        self.emitted_in_steps += other.emitted_in_steps
+        for i in range(len(other.drafted_at)):
+            if i >= len(self.drafted_at):
+                self.drafted_at.append(0)
+                self.accepted_at.append(0)
+            self.drafted_at[i] += other.drafted_at[i]
+            self.accepted_at[i] += other.accepted_at[i]
+        for name in ("new_tokens", "prefill_s", "verify_s", "draft_s", "total_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def tau(self) -> float:
+        return self.emitted_in_steps / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        return [a / d for a, d in zip(self.accepted_at, self.drafted_at) if d]
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted tokens over all positions."""
+        drafted = sum(self.drafted_at)
+        return sum(self.accepted_at) / drafted if drafted else 0.0
+
+    @property
+    def mean_draft_length(self) -> float:
+        return sum(self.drafted_at) / self.verify_steps if self.verify_steps else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "tau": self.tau,
+            "acceptance_per_position": self.acceptance_per_position,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_draft_length": self.mean_draft_length,
+            "verify_steps": self.verify_steps,
+            "new_tokens": self.new_tokens,
+            "time_s": {"total": self.total_s, "prefill": self.prefill_s, "verify": self.verify_s, "draft": self.draft_s},
+        }

@@ -1,0 +1,56 @@
+"""From logits to the distribution a token is drawn from, with Hugging Face's own warpers.
+
+The verifier's distribution is exactly what ``generate(do_sample=True)`` samples from: logits
+warped by temperature, top-k and top-p, in that order, then softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from ..errors import SpecHeadsError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise SpecHeadsError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SpecHeadsError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise SpecHeadsError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def warpers(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k > 0:
+            procs.append(TopKLogitsWarper(self.top_k))
+        if self.top_p < 1.0:
+            procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[n, V] logits -> [n, V] float32 probabilities (one-hot on the argmax when greedy)."""
+        logits = logits.float()
+        if self.greedy:
+            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        # The warpers ignore input_ids; they take [batch, V] scores.
+        return torch.softmax(self.warpers()(None, logits), dim=-1)

