@@ -180,7 +180,13 @@ def converted_alias_dir(alias: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # save_pretrained refuses models loaded through the GGUF quantizer, although the weights
+        # are plain tensors by now: write config and weights directly.
+        from safetensors.torch import save_model
+
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)

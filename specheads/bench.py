@@ -1,0 +1,270 @@
+"""The benchmark: every method on the same prompts, in one run, side by side.
+
+Methods: ``plain`` (plain decoding through the engine: the baseline every speedup is relative to),
+``hf_generate`` (Hugging Face ``generate``), ``hf_assisted`` / ``hf_prompt_lookup`` (Hugging Face
+assisted generation with the same draft model / n-gram size, where the drafter allows it) and
+``speculative`` (the engine with the drafter; one per draft length when several are swept).
+After one warm-up prompt, prompts are run in turn and the order of methods rotates per prompt,
+so drift in machine speed spreads over all methods alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .decoding.engine import SpeculativeDecoder
+from .decoding.metrics import DecodingStats
+from .decoding.sampling import SamplingParams
+from .drafters import DraftModelDrafter, NgramDrafter
+from .errors import SpecHeadsError
+
+
+@dataclass
+class MethodResult:
+    name: str
+    outputs: list[list[int]] = field(default_factory=list)
+    time_s: float = 0.0
+    new_tokens: int = 0
+    stats: DecodingStats | None = None  # engine methods only
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.time_s if self.time_s else 0.0
+
+
+@dataclass
+class BenchConfig:
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    num_draft_tokens: tuple[int, ...] = (4,)
+    adaptive: bool = False
+    seed: int = 0
+    hf_baselines: bool = True
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _hf_generation_config(verifier, cfg: BenchConfig):
+    from transformers import GenerationConfig
+
+    s = cfg.sampling
+    gen = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=not s.greedy,
+        temperature=s.temperature if not s.greedy else None,
+        top_k=s.top_k if not s.greedy else None,
+        top_p=s.top_p if not s.greedy else None,
+        eos_token_id=verifier.eos_token_ids or None,
+        pad_token_id=(verifier.eos_token_ids or [0])[0],
+    )
+    return gen
+
+
+def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[list[int], int], tuple[list[int], DecodingStats | None]]]:
+    """name -> run(prompt_ids, seed) returning (new token ids, engine stats or None)."""
+    methods: dict[str, Callable] = {}
+
+    def engine_method(d, k: int):
+        decoder = SpeculativeDecoder(verifier, d, num_draft_tokens=k, adaptive=cfg.adaptive)
+
+        def run(ids, seed):
+            out = decoder.generate(ids, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling, seed=seed)
+            return out.token_ids, out.stats
+
+        return run
+
+    methods["plain"] = engine_method(None, 0)
+    if cfg.hf_baselines:
+        base = _hf_generation_config(verifier, cfg)
+
+        def hf_run(assistant_model=None, **config_overrides):
+            gen = copy.deepcopy(base)
+            gen.update(**config_overrides)
+            extra = {"assistant_model": assistant_model} if assistant_model is not None else {}
+
+            def run(ids, seed):
+                torch.manual_seed(seed)
+                input_ids = torch.tensor([ids], device=verifier.device)
+                out = verifier.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen, **extra)
+                return out[0, len(ids) :].tolist(), None
+
+            return run
+
+        methods["hf_generate"] = hf_run()
+        k_hf = cfg.num_draft_tokens[0]
+        if isinstance(drafter, DraftModelDrafter) and k_hf > 0:
+            # HF reads the draft length from the assistant's own generation config. Same fixed
+            # length as ours, and no early stop on low draft confidence, for a like-for-like run.
+            drafter.model.generation_config.update(
+                num_assistant_tokens=k_hf, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0
+            )
+            methods["hf_assisted"] = hf_run(drafter.model)
+        if isinstance(drafter, NgramDrafter) and k_hf > 0:
+            methods["hf_prompt_lookup"] = hf_run(prompt_lookup_num_tokens=k_hf, max_matching_ngram_size=drafter.max_ngram)
+    if drafter is not None:
+        for k in cfg.num_draft_tokens:
+            name = "speculative" if len(cfg.num_draft_tokens) == 1 else f"speculative[k={k}]"
+            methods[name] = engine_method(drafter, k)
+    return methods
+
+
+def run_benchmark(verifier, drafter, encoded: list[list[int]], cfg: BenchConfig, *, progress: bool = True) -> dict:
+    """Run every method on the prompts (token ids) and return the report dict."""
+    if not encoded:
+        raise SpecHeadsError("the benchmark needs at least one prompt")
+    methods = build_methods(verifier, drafter, cfg)
+    results = {name: MethodResult(name) for name in methods}
+    device = verifier.device
+    # Warm-up: one short run of each method (allocator, kernels, lazy init) that is not counted.
+    for run in methods.values():
+        run(encoded[0][:64], cfg.seed)
+    names = list(methods)
+    for i, ids in enumerate(tqdm(encoded, desc="benchmark prompts", disable=not progress)):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            tokens, stats = methods[name](ids, cfg.seed + i)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            r = results[name]
+            r.outputs.append(tokens)
+            r.time_s += elapsed
+            r.new_tokens += len(tokens)
+            if stats is not None:
+                if r.stats is None:
+                    r.stats = DecodingStats()
+                r.stats.merge(stats)
+    return make_report(verifier, drafter, encoded, results, cfg)
+
+
+def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cfg: BenchConfig) -> dict:
+    plain = results["plain"]
+    reference = results.get("hf_generate", plain).outputs if cfg.sampling.greedy else None
+    t1 = plain.stats.verify_s / plain.stats.verify_steps if plain.stats and plain.stats.verify_steps else None
+    methods = {}
+    for name, r in results.items():
+        entry = {
+            "tokens_per_s": r.tokens_per_s,
+            "speedup": r.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else None,
+            "tau": r.stats.tau if r.stats else (1.0 if name == "hf_generate" else None),
+            "acceptance_per_position": r.stats.acceptance_per_position if r.stats else [],
+            "identical_to_verifier": None,
+            "identical_fraction": None,
+            "new_tokens": r.new_tokens,
+            "time_s": r.time_s,
+        }
+        if reference is not None:
+            same = [a == b for a, b in zip(r.outputs, reference)]
+            entry["identical_fraction"] = sum(same) / len(same)
+            entry["identical_to_verifier"] = all(same)
+            entry["first_mismatch_positions"] = [
+                next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                for a, b in zip(r.outputs, reference)
+                if a != b
+            ]
+        if r.stats and r.stats.verify_steps and name != "plain":
+            s = r.stats
+            step_s = (s.verify_s + s.draft_s) / s.verify_steps
+            entry["acceptance_rate"] = s.acceptance_rate
+            entry["mean_draft_length"] = s.mean_draft_length
+            entry["time_per_step_s"] = {"verify": s.verify_s / s.verify_steps, "draft": s.draft_s / s.verify_steps}
+            if t1:
+                # What this tau could give if nothing but the forwards cost time.
+                entry["ceiling_speedup"] = s.tau * t1 / step_s
+                entry["efficiency_vs_ceiling"] = entry["speedup"] / entry["ceiling_speedup"] if entry["speedup"] else None
+        methods[name] = entry
+    if t1:
+        methods["plain"]["time_per_step_s"] = {"verify": t1, "draft": 0.0}
+    return {
+        "verifier": verifier.name,
+        "drafter": getattr(drafter, "name", None),
+        "device": str(verifier.device),
+        "dtype": str(verifier.dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "num_prompts": len(encoded),
+        "mean_prompt_tokens": sum(map(len, encoded)) / len(encoded),
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.sampling.temperature,
+        "top_k": cfg.sampling.top_k,
+        "top_p": cfg.sampling.top_p,
+        "num_draft_tokens": list(cfg.num_draft_tokens),
+        "adaptive": cfg.adaptive,
+        "methods": methods,
+    }
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        f"verifier `{report['verifier']}`, drafter `{report['drafter']}`, {report['device']} {report['dtype']}, "
+        f"{report['torch_threads']} threads, {report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
+        f"T={report['temperature']}",
+        "",
+        "| method | tokens/s | speedup | tau | acceptance per position | identical to verifier |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in report["methods"].items():
+        acc = ", ".join(f"{a:.2f}" for a in m["acceptance_per_position"]) or "-"
+        tau = f"{m['tau']:.2f}" if m["tau"] is not None else "-"
+        ident = "-" if m["identical_to_verifier"] is None else ("yes" if m["identical_to_verifier"] else f"no ({m['identical_fraction']:.0%} of prompts)")
+        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {tau} | {acc} | {ident} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["methods"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    tps = [report["methods"][n]["tokens_per_s"] for n in names]
+    bars = ax1.bar(range(len(names)), tps, color=["#888" if n == "plain" else "#3a7" for n in names])
+    for bar, n in zip(bars, names):
+        ax1.annotate(f"{report['methods'][n]['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+    ax1.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax1.set_ylabel("tokens / s")
+    ax1.set_title("throughput (speedup over plain)")
+    for n in names:
+        acc = report["methods"][n]["acceptance_per_position"]
+        if acc:
+            ax2.plot(range(1, len(acc) + 1), acc, marker="o", label=f"{n} (tau {report['methods'][n]['tau']:.2f})")
+    ax2.set_xlabel("draft position")
+    ax2.set_ylabel("acceptance")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_title("acceptance per draft position")
+    if ax2.lines:
+        ax2.legend()
+    fig.suptitle(f"{report['verifier']} / {report['drafter']}, T={report['temperature']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(report: dict, output_dir: str) -> dict[str, str]:
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {
+        "json": os.path.join(output_dir, "report.json"),
+        "markdown": os.path.join(output_dir, "report.md"),
+        "plot": os.path.join(output_dir, "report.png"),
+    }
+    with open(paths["json"], "w") as f:
+        json.dump(report, f, indent=2)
+    with open(paths["markdown"], "w") as f:
+        f.write(markdown_table(report))
+    plot(report, paths["plot"])
+    return paths

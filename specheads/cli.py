@@ -1,0 +1,180 @@
+"""The ``specheads`` command: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import SpecHeadsError
+
+DRAFTER_HELP = (
+    "'ngram' (prompt lookup, training-free), 'none' (plain decoding), or a path: a specheads drafter "
+    "checkpoint (kind read from its config.json) or a plain Hugging Face model directory used as a draft model"
+)
+
+
+def _add_verifier_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("verifier")
+    g.add_argument("--verifier", default="smollm2-135m", help="alias (smollm2-135m), model directory, .gguf file or hub id (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+
+
+def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--drafter", default="ngram", help=DRAFTER_HELP + " (default: %(default)s)")
+    if sweep:
+        g.add_argument("--num-draft-tokens", default="4", help="tokens drafted per step; a comma list (e.g. 2,4,6) sweeps them (default: %(default)s)")
+    else:
+        g.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
+    g.add_argument("--adaptive", action="store_true", help="choose the draft length each step from measured acceptance and cost (0 = plain decoding when drafts are poor)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, exactly the verifier's greedy output (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches (default: %(default)s)")
+
+
+def _setup(args):
+    import torch
+
+    from .drafters import build_drafter
+    from .verifier import load_verifier
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    verifier = load_verifier(args.verifier, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    options = {"max_ngram": args.ngram_max} if args.drafter == "ngram" else {}
+    if args.drafter not in ("ngram", "none", "plain"):
+        options["trust_remote_code"] = args.trust_remote_code
+    drafter = build_drafter(args.drafter, verifier, **options)
+    return verifier, drafter
+
+
+def _sampling(args):
+    from .decoding.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def cmd_generate(args) -> int:
+    from .decoding.engine import SpeculativeDecoder
+
+    sampling = _sampling(args)
+    verifier, drafter = _setup(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    ids = verifier.encode(prompt, chat_template=None if args.chat_template == "auto" else args.chat_template == "on")
+    decoder = SpeculativeDecoder(verifier, drafter, num_draft_tokens=args.num_draft_tokens, adaptive=args.adaptive)
+    out = decoder.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_strings=args.stop or (), seed=args.seed)
+    print(out.text)
+    s = out.stats
+    print(
+        f"\n[{len(out.token_ids)} tokens in {s.total_s:.2f}s = {len(out.token_ids) / s.total_s:.1f} tok/s, "
+        f"tau {s.tau:.2f}, acceptance per position {[round(a, 2) for a in s.acceptance_per_position]}, "
+        f"finish: {out.finish_reason}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _parse_draft_lengths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise SpecHeadsError(f"--num-draft-tokens must be integers separated by commas, got '{text}'") from None
+    if not values or any(v < 0 for v in values):
+        raise SpecHeadsError(f"--num-draft-tokens must be >= 0, got '{text}'")
+    return values
+
+
+def run_bench(args) -> dict:
+    from .bench import BenchConfig, markdown_table, run_benchmark, write_report
+    from .prompts import load_prompts
+
+    cfg = BenchConfig(
+        max_new_tokens=args.max_new_tokens,
+        sampling=_sampling(args),
+        num_draft_tokens=_parse_draft_lengths(args.num_draft_tokens),
+        adaptive=args.adaptive,
+        seed=args.seed,
+        hf_baselines=not args.no_hf,
+    )
+    if cfg.max_new_tokens < 1:
+        raise SpecHeadsError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
+    prompts = load_prompts(args.prompts, field=args.prompt_field, limit=args.num_prompts)
+    verifier, drafter = _setup(args)
+    encoded = [verifier.encode(p) for p in prompts]
+    report = run_benchmark(verifier, drafter, encoded, cfg)
+    report["prompts"] = args.prompts
+    paths = write_report(report, args.output)
+    print(markdown_table(report))
+    print(f"report: {paths['json']}\ntable:  {paths['markdown']}\nplot:   {paths['plot']}")
+    return report
+
+
+def cmd_bench(args) -> int:
+    run_bench(args)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    report = run_bench(args)
+    names = [n for n in report["methods"] if n.startswith("speculative")]
+    for n in names:
+        m = report["methods"][n]
+        print(f"\n{n} with the {report['drafter']} drafter on {report['verifier']}: tau {m['tau']:.2f}, "
+              f"speedup {m['speedup']:.2f}x over plain decoding, identical to the verifier: {m['identical_to_verifier']}")
+    return 0
+
+
+def _add_bench_args(p: argparse.ArgumentParser, *, output: str) -> None:
+    _add_verifier_args(p)
+    _add_decoding_args(p, sweep=True)
+    g = p.add_argument_group("prompts and report")
+    g.add_argument("--prompts", default="default", help="'default' (shipped set), a .jsonl file (MT-Bench 'turns' or 'prompt' records), a saved dataset dir, or a hub dataset 'name[:split]' (default: %(default)s)")
+    g.add_argument("--prompt-field", default=None, help="record field holding the prompt (default: detected)")
+    g.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
+    g.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate / assisted-generation baselines")
+    g.add_argument("--output", default=output, help="folder for report.json, report.md and report.png (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specheads", description="Train speculative-decoding drafters and decode losslessly with them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text for one prompt with speculative decoding",
+                       description="Generate for one prompt. At temperature 0 the output is exactly the verifier's greedy output.")
+    _add_verifier_args(p)
+    _add_decoding_args(p)
+    p.add_argument("--prompt", default=None, help="prompt text (default: read stdin)")
+    p.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"], help="wrap the prompt as a user turn in the chat template (default: %(default)s = when the tokenizer has one)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmark speculative decoding against plain decoding and Hugging Face generate",
+                       description="Measure tokens/s, tau, acceptance per draft position and speedup over plain decoding, side by side in one run.")
+    _add_bench_args(p, output="outputs/bench")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the embedded-default job: benchmark a drafter for SmolLM2-135M and print the speedup",
+                       description="Benchmark the n-gram drafter on the embedded SmolLM2-135M verifier and the shipped prompts.")
+    _add_bench_args(p, output="outputs/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecHeadsError as exc:
+        print(f"specheads: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

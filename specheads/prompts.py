@@ -1,0 +1,94 @@
+"""Prompt sources for generation, benchmarks and self-distillation.
+
+A prompt is a plain string or chat turns ``[{"role": ..., "content": ...}]``; ``Verifier.encode``
+turns either into token ids. Sources: ``default`` (a small set shipped with the package, so
+everything runs offline), a jsonl file (MT-Bench / Spec-Bench records with ``turns``, or records
+with ``prompt`` / ``instruction`` / ``question`` / ``messages``), a directory written by
+``datasets.save_to_disk``, or a Hugging Face dataset name (``name`` or ``name:split``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from typing import Any
+
+from .errors import SpecHeadsError
+
+Prompt = Any  # str | list[dict]
+TEXT_FIELDS = ("prompt", "instruction", "question", "input", "text")
+
+
+def default_prompts_path() -> str:
+    return str(resources.files("specheads") / "data" / "prompts.jsonl")
+
+
+def record_to_prompt(record: dict, field: str | None = None) -> Prompt:
+    """One dataset record -> a prompt (its first user turn for multi-turn records)."""
+    if field is not None:
+        if field not in record:
+            raise SpecHeadsError(f"prompt field '{field}' not in record with keys {sorted(record)}")
+        value = record[field]
+    elif "turns" in record:  # MT-Bench / Spec-Bench
+        value = record["turns"]
+    elif "messages" in record or "conversations" in record:
+        value = record.get("messages") or record.get("conversations")
+    else:
+        present = [k for k in TEXT_FIELDS if k in record]
+        if not present:
+            raise SpecHeadsError(f"record has none of the prompt fields {TEXT_FIELDS + ('turns', 'messages')}: keys {sorted(record)}")
+        value = record[present[0]]
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return [{"role": "user", "content": value[0]}]
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        turns = [_normalise_turn(t) for t in value]
+        # Prompt = everything before the first assistant turn.
+        first_reply = next((i for i, t in enumerate(turns) if t["role"] == "assistant"), len(turns))
+        return turns[:first_reply] or turns[:1]
+    if isinstance(value, str):
+        return value
+    raise SpecHeadsError(f"cannot read a prompt from value {value!r}")
+
+
+def _normalise_turn(turn: dict) -> dict:
+    role = turn.get("role") or {"human": "user", "gpt": "assistant"}.get(turn.get("from", ""), turn.get("from", "user"))
+    return {"role": role, "content": turn.get("content", turn.get("value", ""))}
+
+
+def load_prompts(source: str = "default", *, field: str | None = None, limit: int | None = None) -> list[Prompt]:
+    if limit is not None and limit < 1:
+        raise SpecHeadsError(f"number of prompts must be >= 1, got {limit}")
+    if source == "default":
+        source = default_prompts_path()
+    if source.endswith((".jsonl", ".json")):
+        if not os.path.isfile(source):
+            raise SpecHeadsError(f"prompt file not found: {source}")
+        records = []
+        with open(source) as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise SpecHeadsError(f"{source}:{lineno} is not valid JSON: {exc}") from exc
+    elif os.path.isdir(source):
+        from datasets import load_from_disk
+
+        records = load_from_disk(source)
+    else:
+        from datasets import load_dataset
+
+        name, _, split = source.partition(":")
+        try:
+            records = load_dataset(name, split=split or "train")
+        except Exception as exc:  # datasets raises many types for "not found / offline"
+            raise SpecHeadsError(f"cannot load prompts from '{source}': not a file, a saved dataset or a reachable hub dataset ({exc})") from exc
+    prompts = []
+    for record in records:
+        prompts.append(record_to_prompt(dict(record), field))
+        if limit is not None and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise SpecHeadsError(f"no prompts in '{source}'")
+    return prompts

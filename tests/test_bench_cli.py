@@ -1,0 +1,129 @@
+"""The benchmark and the command line, end to end on tiny models saved to disk."""
+
+import json
+import string
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from specheads.cli import main
+
+SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
+CHARS = list(" " + string.ascii_lowercase + string.digits + ".,?!")
+
+
+def char_tokenizer():
+    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+        unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>",
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>{% endif %}"
+    )
+    return tok
+
+
+def save_tiny(path, seed, vocab_size=len(SPECIAL) + len(CHARS)):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    prompts = root / "questions.jsonl"
+    prompts.write_text(
+        "\n".join(json.dumps({"question_id": i, "turns": [t, "and again?"]})
+                  for i, t in enumerate(["what is a hash table?", "write a poem about rain.", "count to ten."]))
+    )
+    return {
+        "verifier": save_tiny(root / "verifier", 0),
+        "draft": save_tiny(root / "draft", 1),
+        "wrong_vocab": save_tiny(root / "wrong_vocab", 2, vocab_size=80),
+        "prompts": str(prompts),
+    }
+
+
+def bench_args(d, out, drafter, *extra):
+    return ["bench", "--verifier", d["verifier"], "--drafter", drafter, "--prompts", d["prompts"],
+            "--max-new-tokens", "24", "--device", "cpu", "--output", str(out), *extra]
+
+
+def test_bench_report_with_draft_model(tiny_dirs, tmp_path):
+    assert main(bench_args(tiny_dirs, tmp_path, tiny_dirs["draft"])) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["num_prompts"] == 3
+    methods = report["methods"]
+    assert set(methods) == {"plain", "hf_generate", "hf_assisted", "speculative"}
+    for name, m in methods.items():
+        for key in ("tokens_per_s", "tau", "acceptance_per_position", "speedup", "identical_to_verifier"):
+            assert key in m, (name, key)
+        assert m["identical_to_verifier"] is True, name  # float32, greedy: lossless
+        assert m["tokens_per_s"] > 0
+    assert methods["plain"]["speedup"] == pytest.approx(1.0)
+    spec = methods["speculative"]
+    assert len(spec["acceptance_per_position"]) == 4
+    assert 1.0 <= spec["tau"] <= 5.0
+    assert "ceiling_speedup" in spec
+    assert (tmp_path / "report.md").read_text().count("| speculative |") == 1
+    assert (tmp_path / "report.png").stat().st_size > 1000
+
+
+def test_bench_sweep_and_sampling(tiny_dirs, tmp_path):
+    args = bench_args(tiny_dirs, tmp_path, "ngram", "--num-draft-tokens", "1,3", "--temperature", "0.8", "--no-hf")
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["methods"]) == {"plain", "speculative[k=1]", "speculative[k=3]"}
+    assert all(m["identical_to_verifier"] is None for m in report["methods"].values())  # sampled: no identity claim
+
+
+def test_generate_prints_text(tiny_dirs, capsys):
+    code = main(["generate", "--verifier", tiny_dirs["verifier"], "--drafter", tiny_dirs["draft"],
+                 "--prompt", "hello there", "--max-new-tokens", "8", "--device", "cpu"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "tau" in captured.err and "8 tokens" in captured.err
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--drafter", "nonsense"], "nonsense"),
+        (["--drafter", "WRONG"], "80"),
+        (["--max-new-tokens", "0"], "0"),
+        (["--num-draft-tokens", "x,2"], "x,2"),
+        (["--prompts", "/nonexistent/q.jsonl"], "/nonexistent/q.jsonl"),
+    ],
+)
+def test_bad_cli_input_is_one_clear_error(tiny_dirs, tmp_path, capsys, args, named):
+    base = bench_args(tiny_dirs, tmp_path, "ngram")
+    args = [tiny_dirs["wrong_vocab"] if a == "WRONG" else a for a in args]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("specheads: error:")]
+    assert len(errors) == 1 and named in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_unknown_verifier(tmp_path, capsys):
+    assert main(["bench", "--verifier", "./no/such/model", "--output", str(tmp_path)]) == 2
+    assert "./no/such/model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "bench", "demo"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "--max-new-tokens" in capsys.readouterr().out
