@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny random causal LMs of three architectures, wrapped as Verifiers.
+
+Every model here is built in the test process from a fixed seed (no downloads): vocabulary 64,
+hidden size 32, 2 layers. A large ``initializer_range`` makes the random logits far from uniform,
+so greedy continuations vary (and argmax ties, which would make float noise matter, are rare).
+
+Tests that load the real SmolLM2 verifier are marked ``@pytest.mark.slow`` (the marker is
+registered in pyproject.toml); run them with ``pytest -m slow``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from specheads.verifier import Verifier
+
+ARCHS = ("llama", "qwen2", "gpt2")
+VOCAB = 64
+BOS, EOS, PAD = 0, 1, 2
+MAX_POSITIONS = 256
+
+# The models are tiny: one intra-op thread avoids thread contention that makes each forward
+# several times slower on a small shared machine.
+torch.set_num_threads(1)
+
+
+def make_model(
+    arch: str,
+    *,
+    seed: int = 0,
+    vocab: int = VOCAB,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = MAX_POSITIONS,
+    init_range: float = 0.5,
+):
+    """A tiny randomly initialised causal LM (float32, eval mode, no grads)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    ids = dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=max_positions, initializer_range=init_range, **ids,
+        )
+        model = LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=max_positions, initializer_range=init_range, **ids,
+        )
+        model = Qwen2ForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
+            initializer_range=init_range, **ids,
+        )
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(f"unknown test architecture {arch!r}")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def make_verifier(arch: str, **kwargs) -> Verifier:
+    """A Verifier (no tokenizer) around a fresh tiny model."""
+    model = make_model(arch, **kwargs)
+    return Verifier(model=model, tokenizer=None, name=f"tiny-{arch}-seed{kwargs.get('seed', 0)}")
+
+
+@functools.lru_cache(maxsize=None)
+def cached_verifier(arch: str, seed: int = 0) -> Verifier:
+    """One shared Verifier per (arch, seed): the models are only ever run in inference mode."""
+    return make_verifier(arch, seed=seed)
+
+
+def noisy_copy(model, rel_sigma: float = 0.05, seed: int = 123):
+    """The verifier with Gaussian noise on its weight matrices: a draft model that is often right."""
+    noisy = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            if p.dim() > 1:
+                p.add_(torch.randn(p.shape, generator=gen) * rel_sigma * p.std())
+    return noisy
+
+
+@functools.lru_cache(maxsize=None)
+def noisy_model(arch: str):
+    return noisy_copy(cached_verifier(arch, 0).model)
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id) -> list[int]:
+    """The new tokens of transformers' own greedy ``generate`` (the reference output)."""
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=PAD,
+    )
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def verifier(arch) -> Verifier:
+    """The shared tiny verifier of the parametrised architecture (seed 0)."""
+    return cached_verifier(arch, 0)
+
+
+@pytest.fixture
+def other_model(arch):
+    """A different random model of the same architecture and vocabulary: a mostly-wrong draft model."""
+    return cached_verifier(arch, 1).model
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct verifier (converted from its GGUF once, then cached)."""
+    from specheads.verifier import load_verifier
+
+    return load_verifier("smollm2-135m")
