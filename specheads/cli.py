@@ -131,6 +131,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .training.loop import train
+    from .training.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.output_dir:
+        recipe.training.output_dir = args.output_dir
+    train(recipe, resume=args.resume)
+    return 0
+
+
 def _add_bench_args(p: argparse.ArgumentParser, *, output: str) -> None:
     _add_verifier_args(p)
     _add_decoding_args(p, sweep=True)
@@ -159,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measure tokens/s, tau, acceptance per draft position and speedup over plain decoding, side by side in one run.")
     _add_bench_args(p, output="outputs/bench")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train", help="train a drafter from a YAML recipe (run under `accelerate launch` for DDP / FSDP / DeepSpeed)",
+                       description="Self-distil data from the verifier (if the recipe asks), train the drafter, evaluate "
+                       "acceptance on held-out data, and write a drafter checkpoint (config.json + model.safetensors).")
+    p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. training.max_steps=50 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir (same data order, optimizer and scheduler state)")
+    p.add_argument("--output-dir", default=None, help="override training.output_dir")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the embedded-default job: benchmark a drafter for SmolLM2-135M and print the speedup",
                        description="Benchmark the n-gram drafter on the embedded SmolLM2-135M verifier and the shipped prompts.")

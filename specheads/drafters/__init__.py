@@ -42,6 +42,11 @@ def load_draft_model(path: str, verifier, *, trust_remote_code: bool = False, **
     return DraftModelDrafter(model, verifier.vocab_size, model_name=f"draft model {path}")
 
 
+from .medusa import load_medusa_drafter  # noqa: E402  (needs register_checkpoint_kind defined)
+
+register_checkpoint_kind("medusa")(load_medusa_drafter)
+
+
 def build_drafter(spec: str | None, verifier, **options) -> Drafter | None:
     if spec in (None, "none", "plain"):
         return None

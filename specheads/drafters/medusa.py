@@ -1,0 +1,206 @@
+"""Medusa heads (Cai et al. 2024): K small heads on the verifier's last hidden state.
+
+Head k (0-based) predicts the token k+1 places after the verifier's next token. Each head is
+``num_layers`` residual blocks ``x + SiLU(W x)`` (W zero-initialised, so a fresh head starts as
+the identity) followed by an LM head: its own (initialised from the verifier's) or the
+verifier's, shared and frozen. An optional truncated draft vocabulary keeps only the N most
+frequent tokens of the training data; ``token_map[i]`` is the verifier id of draft id i.
+
+Tensor names follow vLLM's Medusa loader (``blocks.{h}.layers.{l}.weight``, ``lm_heads.{h}.weight``,
+``token_map``) so exporting is a config rewrite, not a re-layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_drafter_state, save_drafter, verifier_info
+from ..decoding.candidates import Candidates, DraftContext
+from ..errors import SpecHeadsError
+
+KIND = "medusa"
+
+# Static trees as paths of top-k ranks per depth (Medusa's "choices"): (0,) is head 0's top-1,
+# (1,) its second choice, (0, 0) head 1's top-1 after head 0's top-1, and so on. Default tree
+# sizes come from `specheads bench --tree` sweeps on the target hardware; on a 2-core CPU a
+# verify forward grows fast with its token count, so the small trees win there.
+TREES: dict[str, list[tuple[int, ...]]] = {
+    "chain": [],  # filled per number of heads: (0,), (0, 0), ...
+    "tree8": [(0,), (1,), (0, 0), (1, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0), (2,)],
+    "tree16": [
+        (0,), (1,), (2,), (0, 0), (1, 0), (0, 1), (2, 0), (0, 2), (0, 0, 0), (1, 0, 0),
+        (0, 1, 0), (0, 0, 1), (0, 0, 0, 0), (1, 0, 0, 0), (0, 0, 0, 0, 0), (3,),
+    ],
+}
+
+
+@dataclass
+class MedusaConfig:
+    hidden_size: int
+    vocab_size: int  # the verifier's vocabulary
+    num_heads: int = 4
+    num_layers: int = 1
+    shared_lm_head: bool = False
+    draft_vocab_size: int | None = None  # None = the full vocabulary
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.num_heads < 1:
+            raise SpecHeadsError(f"num_heads must be >= 1, got {self.num_heads}")
+        if self.num_layers < 0:
+            raise SpecHeadsError(f"num_layers must be >= 0, got {self.num_layers}")
+        if self.draft_vocab_size is not None:
+            if self.shared_lm_head:
+                raise SpecHeadsError("a truncated draft vocabulary needs own LM heads (shared_lm_head=False)")
+            if not 1 <= self.draft_vocab_size <= self.vocab_size:
+                raise SpecHeadsError(f"draft_vocab_size must be in [1, {self.vocab_size}], got {self.draft_vocab_size}")
+
+
+class ResBlock(nn.Linear):
+    """x + SiLU(W x); a Linear subclass so its tensors are named as vLLM expects."""
+
+    def __init__(self, hidden: int, bias: bool):
+        super().__init__(hidden, hidden, bias=bias)
+        nn.init.zeros_(self.weight)  # a fresh block is the identity
+        if bias:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        return x + nn.functional.silu(super().forward(x))
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, config: MedusaConfig, token_map: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"layers": nn.ModuleList(ResBlock(H, config.bias) for _ in range(config.num_layers))})
+            for _ in range(config.num_heads)
+        )
+        out = config.draft_vocab_size or config.vocab_size
+        self.lm_heads = None if config.shared_lm_head else nn.ModuleList(nn.Linear(H, out, bias=False) for _ in range(config.num_heads))
+        if config.draft_vocab_size is not None:
+            if token_map is None or token_map.numel() != config.draft_vocab_size:
+                raise SpecHeadsError(f"a truncated draft vocabulary of {config.draft_vocab_size} needs a token_map of that length")
+            self.register_buffer("token_map", token_map.long().clone())
+        else:
+            self.token_map = None
+
+    def init_lm_heads_from(self, lm_head_weight: torch.Tensor) -> None:
+        """Copy the verifier's LM head (rows of the draft vocabulary) into every own head."""
+        if self.lm_heads is None:
+            return
+        rows = lm_head_weight if self.token_map is None else lm_head_weight[self.token_map.to(lm_head_weight.device)]
+        with torch.no_grad():
+            for head in self.lm_heads:
+                head.weight.copy_(rows)
+
+    def features(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for block in self.blocks:
+            x = hidden
+            for layer in block["layers"]:
+                x = layer(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., H] -> logits [num_heads, ..., V_draft]."""
+        feats = self.features(hidden)
+        if self.lm_heads is None:
+            if lm_head_weight is None:
+                raise ValueError("shared_lm_head heads need the verifier's lm_head weight")
+            return torch.stack([nn.functional.linear(f, lm_head_weight) for f in feats])
+        return torch.stack([head(f) for head, f in zip(self.lm_heads, feats)])
+
+    def to_verifier_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids if self.token_map is None else self.token_map[draft_ids]
+
+
+def tree_paths(name_or_paths, num_heads: int) -> list[tuple[int, ...]]:
+    """A tree preset name (or explicit paths) -> validated paths, parents before children."""
+    if isinstance(name_or_paths, str):
+        if name_or_paths not in TREES:
+            raise SpecHeadsError(f"unknown Medusa tree '{name_or_paths}' (known: {', '.join(TREES)})")
+        paths = [tuple([0] * d) for d in range(1, num_heads + 1)] if name_or_paths == "chain" else TREES[name_or_paths]
+    else:
+        paths = [tuple(p) for p in name_or_paths]
+    paths = sorted(set(paths), key=lambda p: (len(p), p))
+    for p in paths:
+        if len(p) > num_heads:
+            raise SpecHeadsError(f"tree path {p} is deeper than the {num_heads} Medusa heads")
+        if len(p) > 1 and p[:-1] not in paths:
+            raise SpecHeadsError(f"tree path {p} has no parent path {p[:-1]} in the tree")
+    return [p for p in paths if len(p) <= num_heads]
+
+
+class MedusaDrafter:
+    """Proposes from Medusa heads: the top-1 chain, or a static tree of top-k choices."""
+
+    name = KIND
+    needs_hidden_states = True
+
+    def __init__(self, heads: MedusaHeads, verifier, tree: str | list = "chain"):
+        self.heads = heads.eval().to(verifier.device, verifier.dtype)
+        self.heads.requires_grad_(False)
+        self.lm_head_weight = verifier.model.get_output_embeddings().weight
+        self.tree = tree
+        self.paths = tree_paths(tree, heads.config.num_heads)
+        self.max_rank = max((max(p) for p in self.paths), default=0) + 1
+
+    def start(self, prompt_ids: list[int]) -> None:
+        pass
+
+    @torch.inference_mode()
+    def propose(self, ctx: DraftContext) -> Candidates:
+        if ctx.hidden_states is None:
+            raise RuntimeError("MedusaDrafter needs the verifier's hidden states")
+        h = ctx.hidden_states[-1][-1]  # last layer, the row that predicted the pending token
+        logits = self.heads(h, self.lm_head_weight)  # [K, V]
+        # A chain shorter than the heads when the engine asks for fewer tokens.
+        depth = min(ctx.num_draft_tokens, self.heads.config.num_heads)
+        paths = [p for p in self.paths if len(p) <= depth]
+        ranks = logits[:depth].topk(self.max_rank, dim=-1).indices  # [depth, R]
+        ranked = self.heads.to_verifier_ids(ranks).tolist()
+        index = {p: i for i, p in enumerate(paths)}
+        tokens = [ranked[len(p) - 1][p[-1]] for p in paths]
+        parents = [index[p[:-1]] if len(p) > 1 else -1 for p in paths]
+        return Candidates(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+
+    def observe(self, num_accepted: int, emitted: list[int]) -> None:
+        pass
+
+
+def save_medusa(path, heads: MedusaHeads, verifier, training: dict | None = None):
+    cfg = heads.config
+    state = {k: v for k, v in heads.state_dict().items()}
+    extra = {  # the keys vLLM's Medusa config reads, so the folder is close to servable as is
+        "model_type": "medusa",
+        "architectures": ["MedusaModel"],
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "num_heads": cfg.num_heads,
+        "num_hidden_layers": cfg.num_layers,
+    }
+    hp = asdict(cfg)
+    if training:
+        hp["training"] = training
+    return save_drafter(path, KIND, state, hp, verifier_info(verifier), extra)
+
+
+def load_medusa_heads(path, verifier=None) -> MedusaHeads:
+    config, tensors = load_drafter_state(path, verifier, expected_kind=KIND)
+    hp = {k: v for k, v in config["specheads"]["hyper_parameters"].items() if k != "training"}
+    heads = MedusaHeads(MedusaConfig(**hp), token_map=tensors.get("token_map"))
+    missing, unexpected = heads.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise SpecHeadsError(f"Medusa checkpoint {path} does not match its config: missing {missing}, unexpected {unexpected}")
+    return heads
+
+
+def load_medusa_drafter(path, verifier, *, tree: str | list = "chain", **_) -> MedusaDrafter:
+    return MedusaDrafter(load_medusa_heads(path, verifier), verifier, tree=tree)

@@ -1,0 +1,1 @@
+"""Training drafters: recipes, data, objectives and the accelerate loop."""

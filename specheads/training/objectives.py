@@ -1,0 +1,186 @@
+"""What each drafter kind learns from the verifier: its trainable module, loss and eval counts.
+
+The training loop knows nothing of Medusa: it asks an objective for ``module`` (what the
+optimizer trains and accelerate wraps), ``loss(module, batch)`` and ``eval_counts(module, batch)``,
+and ``save(module, path)`` for the drafter checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
+from .losses import cross_entropy, forward_kl
+
+
+class MedusaTrainingModule(nn.Module):
+    """Heads, plus the LoRA-wrapped verifier when it is tuned jointly (Medusa-2)."""
+
+    def __init__(self, heads: MedusaHeads, tuned_verifier: nn.Module | None = None):
+        super().__init__()
+        self.heads = heads
+        self.tuned_verifier = tuned_verifier
+
+
+class MedusaObjective:
+    """Head k at position t predicts token t+2+k from the verifier's last hidden state h_t.
+
+    Loss: sum_k w_k * CE(head_k(h_t), x_{t+2+k}) with w_k = head_decay**k, over positions whose
+    target token lies in the answer (prompt tokens are masked). With ``loss: kl`` the target is
+    the verifier's own distribution for that token (soft labels). Medusa-2 adds the verifier's
+    LM loss on the answer tokens, weighted by ``lm_loss_weight``.
+    """
+
+    def __init__(self, verifier, drafter_cfg, objective_cfg, lora_cfg=None, token_map: torch.Tensor | None = None):
+        self.verifier = verifier
+        self.cfg = objective_cfg
+        self.lora_cfg = lora_cfg
+        self.medusa_cfg = MedusaConfig(
+            hidden_size=verifier.hidden_size,
+            vocab_size=verifier.vocab_size,
+            num_heads=drafter_cfg.num_heads,
+            num_layers=drafter_cfg.num_layers,
+            shared_lm_head=drafter_cfg.shared_lm_head,
+            draft_vocab_size=None if token_map is None else int(token_map.numel()),
+        )
+        heads = MedusaHeads(self.medusa_cfg, token_map=token_map)
+        heads.init_lm_heads_from(verifier.model.get_output_embeddings().weight.detach().float().cpu())
+        tuned = None
+        if lora_cfg is not None:
+            from peft import LoraConfig, get_peft_model
+
+            peft_cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=list(lora_cfg.target_modules))
+            tuned = get_peft_model(verifier.model, peft_cfg)
+        self.module = MedusaTrainingModule(heads, tuned)
+        self.weights = [objective_cfg.head_decay**k for k in range(self.medusa_cfg.num_heads)]
+        V = verifier.vocab_size
+        if token_map is not None:  # verifier id -> draft id, -100 where the draft vocabulary has no entry
+            inverse = torch.full((V,), -100, dtype=torch.long)
+            inverse[token_map.long()] = torch.arange(token_map.numel())
+            self.to_draft = inverse
+        else:
+            self.to_draft = None
+
+    # -- parameters -------------------------------------------------------------------------
+    def param_groups(self, module, lr: float, weight_decay: float) -> list[dict]:
+        groups = [{"params": [p for p in _unwrap(module).heads.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay, "name": "heads"}]
+        if self.lora_cfg is not None:
+            lora = [p for n, p in _unwrap(module).tuned_verifier.named_parameters() if p.requires_grad]
+            groups.append({"params": lora, "lr": self.lora_cfg.lr, "weight_decay": 0.0, "name": "lora"})
+        return groups
+
+    # -- forward pieces ---------------------------------------------------------------------
+    def _verifier_out(self, module, batch):
+        m = _unwrap(module)
+        model = m.tuned_verifier if m.tuned_verifier is not None else self.verifier.model
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        if m.tuned_verifier is not None:
+            out = model(**kwargs)
+        else:
+            with torch.no_grad():
+                out = model(**kwargs)
+        return out.hidden_states[-1], out.logits
+
+    def _targets(self, batch, k: int):
+        """(positions mask [B, T-2-k], labels [B, T-2-k]) for head k."""
+        ids, answer = batch["input_ids"], batch["answer_mask"]
+        shift = 2 + k
+        labels = ids[:, shift:]
+        mask = answer[:, shift:].bool()
+        return mask, labels
+
+    def _head_logits(self, module, hidden_rows: torch.Tensor, k: int) -> torch.Tensor:
+        heads = _unwrap(module).heads
+        block = heads.blocks[k]
+        x = hidden_rows
+        for layer in block["layers"]:
+            x = layer(x)
+        if heads.lm_heads is None:
+            return nn.functional.linear(x, self.verifier.model.get_output_embeddings().weight)
+        return heads.lm_heads[k](x)
+
+    def _draft_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels if self.to_draft is None else self.to_draft.to(labels.device)[labels]
+
+    # -- the loss ---------------------------------------------------------------------------
+    def loss(self, module, batch, normalize=None) -> tuple[torch.Tensor, dict]:
+        """``normalize(count)`` turns a local row count into the per-process share of the global
+        count (the loop passes an all-reduce); by default the local count: a plain mean."""
+        normalize = normalize or (lambda count: count)
+
+        def mean(pair):
+            total, count = pair
+            return total / normalize(count.float()).clamp_min(1.0)
+
+        hidden, verifier_logits = self._verifier_out(module, batch)
+        hidden = hidden.to(next(_unwrap(module).heads.parameters()).dtype)
+        T = hidden.shape[1]
+        total = hidden.new_zeros(())
+        metrics = {}
+        for k, w in enumerate(self.weights):
+            if T <= 2 + k:
+                break
+            mask, labels = self._targets(batch, k)
+            rows = hidden[:, : T - 2 - k][mask]
+            logits = self._head_logits(module, rows, k)
+            if self.cfg.loss == "kl":
+                teacher = verifier_logits[:, 1 + k : T - 1][mask].detach()
+                if self.to_draft is not None:
+                    teacher = teacher[:, _unwrap(module).heads.token_map]
+                head_loss = mean(forward_kl(logits, teacher))
+            else:
+                head_loss = mean(cross_entropy(logits, self._draft_labels(labels[mask])))
+            total = total + w * head_loss
+            metrics[f"loss/head{k}"] = float(head_loss.detach())
+        if self.lora_cfg is not None and self.lora_cfg.lm_loss_weight > 0:
+            mask = batch["answer_mask"][:, 1:].bool()
+            lm = mean(cross_entropy(verifier_logits[:, :-1][mask], batch["input_ids"][:, 1:][mask]))
+            total = total + self.lora_cfg.lm_loss_weight * lm
+            metrics["loss/verifier_lm"] = float(lm.detach())
+        metrics["loss"] = float(total.detach())
+        return total, metrics
+
+    @torch.no_grad()
+    def eval_counts(self, module, batch) -> dict[str, torch.Tensor]:
+        """Per head top-1 hits and the length of each position's run of consecutive hits."""
+        hidden, _ = self._verifier_out(module, batch)
+        hidden = hidden.to(next(_unwrap(module).heads.parameters()).dtype)
+        B, T, _ = hidden.shape
+        K = len(self.weights)
+        heads = _unwrap(module).heads
+        hits = torch.zeros(B, T, K, dtype=torch.bool, device=hidden.device)
+        valid = torch.zeros(B, T, K, dtype=torch.bool, device=hidden.device)
+        for k in range(K):
+            if T <= 2 + k:
+                break
+            mask, labels = self._targets(batch, k)
+            logits = self._head_logits(module, hidden[:, : T - 2 - k], k)
+            pred = heads.to_verifier_ids(logits.argmax(-1))
+            hits[:, : T - 2 - k, k] = (pred == labels) & mask
+            valid[:, : T - 2 - k, k] = mask
+        base = valid[..., 0]
+        # Run length of consecutive correct heads from head 0, counted where head 0 has a target.
+        run = torch.cumprod(hits.int(), dim=-1).sum(-1)
+        return {
+            "hits": hits.sum((0, 1)).cpu(),
+            "valid": valid.sum((0, 1)).cpu(),
+            "run_sum": run[base].sum().cpu(),
+            "positions": base.sum().cpu(),
+        }
+
+    @staticmethod
+    def summarize(counts: dict[str, torch.Tensor]) -> dict[str, float]:
+        acc = (counts["hits"].float() / counts["valid"].clamp_min(1).float()).tolist()
+        out = {f"eval/top1_head{k}": a for k, a in enumerate(acc)}
+        # Chain tau implied on self-distilled greedy data: 1 + mean consecutive accepted drafts.
+        out["eval/tau_top1_chain"] = 1.0 + float(counts["run_sum"]) / max(1, int(counts["positions"]))
+        return out
+
+    def save(self, module, path, verifier=None, training: dict | None = None):
+        heads = _unwrap(module).heads
+        return save_medusa(path, heads, verifier or self.verifier, training=training)
+
+
+def _unwrap(module):
+    return module.module if hasattr(module, "module") and not isinstance(module, MedusaTrainingModule) else module

@@ -1,0 +1,49 @@
+"""From a recipe's data section to (train, eval) datasets of token ids.
+
+Self-distillation runs on the main process only (its output folder is resumable and shared);
+the other processes wait for it and then read the same folder.
+"""
+
+from __future__ import annotations
+
+from ..errors import SpecHeadsError
+
+
+def prepare_datasets(recipe, verifier, accelerator=None):
+    from .data import generate_self_distillation, load_conversations, load_self_distilled, split_train_eval
+
+    d = recipe.data
+    is_main = accelerator is None or accelerator.is_main_process
+    if d.conversations:
+        dataset = load_conversations(d.conversations, verifier, max_length=d.max_length)
+    else:
+        s = d.self_distill
+        if is_main:
+            from ..prompts import load_prompts
+            from .prompt_source import default_training_prompts
+
+            if s.prompts == "default":
+                prompts = default_training_prompts(s.num_prompts, seed=recipe.training.seed)
+            else:
+                prompts = load_prompts(s.prompts, limit=s.num_prompts)
+            generate_self_distillation(
+                verifier, prompts, s.output_dir, max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature, batch_size=s.batch_size, seed=recipe.training.seed,
+            )
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        dataset = load_self_distilled(s.output_dir)
+        dataset = _truncate(dataset, d.max_length)
+    if len(dataset) < 2:
+        raise SpecHeadsError(f"the training data has {len(dataset)} examples; at least 2 are needed (train + eval)")
+    return split_train_eval(dataset, eval_fraction=d.eval_fraction, seed=recipe.training.seed)
+
+
+def _truncate(dataset, max_length: int):
+    def cut(x):
+        ids = x["input_ids"][:max_length]
+        return {"input_ids": ids, "prompt_length": min(x["prompt_length"], len(ids))}
+
+    dataset = dataset.map(cut)
+    # Examples with no answer token inside max_length teach nothing.
+    return dataset.filter(lambda x: x["prompt_length"] < len(x["input_ids"]) - 2)

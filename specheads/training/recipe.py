@@ -1,0 +1,214 @@
+"""Training recipes: a YAML file read into typed, validated sections.
+
+A recipe names the verifier, the drafter and its hyper-parameters, the data, the objective and
+the loop settings. ``--set section.key=value`` overrides any value from the command line. Every
+value is checked here, so a bad value fails before any model is loaded, naming key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..errors import SpecHeadsError
+
+
+@dataclass
+class VerifierSection:
+    name: str = "smollm2-135m"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DrafterSection:
+    kind: str = "medusa"
+    num_heads: int = 4
+    num_layers: int = 1
+    shared_lm_head: bool = False
+    draft_vocab_size: int | None = None
+
+
+@dataclass
+class SelfDistillSection:
+    prompts: str = "default"  # "default" = the offline training prompt source; or a prompt source as in `specheads bench`
+    num_prompts: int | None = 256
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    batch_size: int = 8
+    output_dir: str = "runs/data/self_distilled"
+
+
+@dataclass
+class DataSection:
+    self_distill: SelfDistillSection | None = field(default_factory=SelfDistillSection)
+    conversations: str | None = None  # an existing conversation dataset instead of self-distillation
+    max_length: int = 512
+    eval_fraction: float = 0.05
+
+
+@dataclass
+class ObjectiveSection:
+    loss: str = "ce"  # ce: hard labels | kl: soft labels, KL to the verifier's own distribution
+    head_decay: float = 0.8  # head k's loss weight is head_decay ** k
+
+
+@dataclass
+class LoraSection:  # Medusa-2: the verifier tuned jointly with the heads
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lm_loss_weight: float = 1.0
+    heads_warmup_steps: int = 100  # heads alone first, then the adapters join
+    lr: float = 2e-4
+
+
+@dataclass
+class TrainingSection:
+    output_dir: str = "runs/medusa"
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_steps: int = 300
+    max_grad_norm: float = 1.0
+    eval_every: int = 100
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    cache_hidden_states: bool = False
+    lora: LoraSection | None = None
+
+
+@dataclass
+class Recipe:
+    verifier: VerifierSection = field(default_factory=VerifierSection)
+    drafter: DrafterSection = field(default_factory=DrafterSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+
+    def validate(self) -> "Recipe":
+        t, d, o, dr = self.training, self.data, self.objective, self.drafter
+        checks = [
+            ("training.batch_size", t.batch_size, t.batch_size >= 1),
+            ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps >= 1),
+            ("training.lr", t.lr, t.lr > 0),
+            ("training.max_steps", t.max_steps, t.max_steps >= 1),
+            ("training.warmup_steps", t.warmup_steps, 0 <= t.warmup_steps),
+            ("training.eval_every", t.eval_every, t.eval_every >= 1),
+            ("training.save_every", t.save_every, t.save_every >= 1),
+            ("training.log_every", t.log_every, t.log_every >= 1),
+            ("data.max_length", d.max_length, d.max_length >= 8),
+            ("data.eval_fraction", d.eval_fraction, 0 < d.eval_fraction < 1),
+            ("objective.loss", o.loss, o.loss in ("ce", "kl")),
+            ("objective.head_decay", o.head_decay, 0 < o.head_decay <= 1),
+            ("drafter.kind", dr.kind, dr.kind == "medusa"),
+            ("drafter.num_heads", dr.num_heads, 1 <= dr.num_heads <= 16),
+            ("drafter.num_layers", dr.num_layers, dr.num_layers >= 0),
+            ("verifier.dtype", self.verifier.dtype, self.verifier.dtype in ("float32", "bfloat16", "float16")),
+        ]
+        if d.self_distill is not None:
+            s = d.self_distill
+            checks += [
+                ("data.self_distill.max_new_tokens", s.max_new_tokens, s.max_new_tokens >= 1),
+                ("data.self_distill.temperature", s.temperature, s.temperature >= 0),
+                ("data.self_distill.batch_size", s.batch_size, s.batch_size >= 1),
+                ("data.self_distill.num_prompts", s.num_prompts, s.num_prompts is None or s.num_prompts >= 2),
+            ]
+        if t.lora is not None:
+            checks += [
+                ("training.lora.r", t.lora.r, t.lora.r >= 1),
+                ("training.lora.heads_warmup_steps", t.lora.heads_warmup_steps, t.lora.heads_warmup_steps >= 0),
+                ("training.lora.lm_loss_weight", t.lora.lm_loss_weight, t.lora.lm_loss_weight >= 0),
+            ]
+        for key, value, ok in checks:
+            if not ok:
+                raise SpecHeadsError(f"recipe value {key}={value!r} is out of range")
+        if d.self_distill is None and not d.conversations:
+            raise SpecHeadsError("recipe needs data.self_distill or data.conversations")
+        return self
+
+
+def _build(cls, values: dict | None, where: str):
+    if values is None:
+        return None
+    if not isinstance(values, dict):
+        raise SpecHeadsError(f"recipe section '{where}' must be a mapping, got {values!r}")
+    kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in fields:
+            raise SpecHeadsError(f"unknown recipe key '{where}.{key}' (known: {', '.join(fields)})")
+        sub = _SECTIONS.get((cls, key))
+        if sub and value is not None:
+            kwargs[key] = _build(sub, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value, annotation, where: str):
+    """YAML reads 1e-3 as a string and 3 as an int; give each key the type its field declares."""
+    text = str(annotation)
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        if "float" in text and isinstance(value, (int, str)):
+            return float(value)
+        if text.startswith("int") and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise SpecHeadsError(f"recipe value {where}={value!r} is not a number") from None
+    return value
+
+
+_SECTIONS: dict[tuple[type, str], type] = {
+    (Recipe, "verifier"): VerifierSection,
+    (Recipe, "drafter"): DrafterSection,
+    (Recipe, "data"): DataSection,
+    (Recipe, "objective"): ObjectiveSection,
+    (Recipe, "training"): TrainingSection,
+    (DataSection, "self_distill"): SelfDistillSection,
+    (TrainingSection, "lora"): LoraSection,
+}
+
+
+def _set(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_recipe(path: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise SpecHeadsError(f"recipe file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise SpecHeadsError(f"recipe {path} is not valid YAML: {exc}") from exc
+    for item in overrides or []:
+        if "=" not in item:
+            raise SpecHeadsError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set(tree, key.strip(), raw)
+    recipe = _build(Recipe, tree, "recipe")
+    return recipe.validate()
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
