@@ -5,6 +5,14 @@ except the last (the *pending* token, which the verifier emitted but has not yet
 step runs the pending token plus the drafted candidates in one forward, keeps the accepted
 prefix, crops the rejected positions from the cache, and appends the verifier's own next token,
 which becomes the new pending token. With no drafter (or zero drafts) this is plain decoding.
+
+Chains run as a plain causal forward (the fast path). Trees (candidates with branches) run with
+tree attention: one forward over the pending token and every node, with a 4D mask that lets each
+node see only its ancestors and position ids by depth (``tree.py``); the accepted root-to-node
+path is then moved into consecutive cache positions and the rest dropped. For trees the engine's
+``k`` is the tree's depth, and the statistics count drafted = the tree's depth and accepted = the
+accepted path's length, so ``acceptance_per_position[d]`` is the fraction of steps whose
+accepted path reached depth d + 1.
 """
 
 from __future__ import annotations
@@ -18,10 +26,11 @@ import torch
 from ..errors import SpecHeadsError
 from .candidates import Candidates, DraftContext
 from .draft_length import AdaptiveDraftLength, FixedDraftLength
-from .kv_cache import cache_kwargs, new_cache, truncate_cache
+from .kv_cache import cache_kwargs, keep_positions, new_cache, truncate_cache
 from .metrics import DecodingStats
 from .sampling import SamplingParams
-from .verify import greedy_verify, speculative_sampling
+from .tree import clip_tree_depth, tree_attention_mask, tree_max_depth, tree_position_ids
+from .verify import greedy_verify, greedy_verify_tree, speculative_sampling, tree_speculative_sampling
 
 
 @dataclass
@@ -130,7 +139,20 @@ class SpeculativeDecoder:
                 cands = Candidates.empty()
             t1 = time.perf_counter()
             if not cands.is_chain:
-                raise NotImplementedError("tree candidates need tree attention, which this engine does not run yet")
+                emitted, n_acc, depth, hidden = self._tree_step(
+                    cands, tokens, cache, cache_kw, sampling, generator, device, wants_hidden
+                )
+                t2 = time.perf_counter()
+                kept = self._cut_at_stop(emitted, new, eos, stop_strings)
+                tokens.extend(kept)
+                new.extend(kept)
+                stats.observe_step(depth, n_acc, len(kept))
+                stats.draft_s += t1 - t0
+                stats.verify_s += t2 - t1
+                controller.update(k, depth, n_acc, t2 - t1, t1 - t0)
+                drafter.observe(n_acc, kept)
+                finish = self._finish_reason(new, len(kept), eos, max_new_tokens, stop_strings)
+                continue
             step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)
             out = self.model(
                 input_ids=step_ids[None],
@@ -170,6 +192,40 @@ class SpeculativeDecoder:
         text = self.verifier.decode(new) if getattr(self.verifier, "tokenizer", None) is not None else None
         return GenerationOutput(prompt_ids=prompt_ids, token_ids=new, finish_reason=finish, stats=stats, text=text)
 
+    # -- tree steps ---------------------------------------------------------------------------
+    def _tree_step(self, cands: Candidates, tokens: list[int], cache, cache_kw, sampling, generator, device, wants_hidden):
+        """Verify a candidate tree in one forward with tree attention and fix the cache.
+
+        Returns (emitted tokens, number of accepted drafts, the tree's depth, the hidden states of
+        [root] + accepted path for the drafter, or None).
+        """
+        past_len = len(tokens) - 1  # the cache holds every token but the pending one
+        dtype = self.model.get_output_embeddings().weight.dtype
+        step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)
+        parents = cands.parents.cpu()
+        out = self.model(
+            input_ids=step_ids[None],
+            attention_mask=tree_attention_mask(parents, past_len, dtype=dtype, device=device),
+            position_ids=tree_position_ids(parents, past_len, device=device),
+            **cache_kw,
+            use_cache=True,
+            output_hidden_states=wants_hidden,
+        )
+        logits = out.logits[0]
+        if sampling.greedy:
+            path, nxt = greedy_verify_tree(logits, cands)
+        else:
+            path, nxt = tree_speculative_sampling(sampling.probs(logits), cands, generator)
+        # Keep the past, the root (row 0) and the accepted nodes (rows node + 1), consecutively.
+        rows = [0] + [i + 1 for i in path]
+        keep_positions(cache, past_len, rows)
+        hidden = None
+        if wants_hidden:
+            idx = torch.tensor(rows, device=out.hidden_states[0].device)
+            hidden = tuple(h[0].index_select(0, idx) for h in out.hidden_states)
+        emitted = cands.tokens[path].tolist() + [nxt] if path else [nxt]
+        return emitted, len(path), tree_max_depth(parents), hidden
+
     # -- helpers ------------------------------------------------------------------------------
     @staticmethod
     def _sample_one(logits: torch.Tensor, sampling: SamplingParams, generator) -> int:
@@ -204,8 +260,18 @@ class SpeculativeDecoder:
 
 
 def _clip(cands: Candidates, k: int) -> Candidates:
-    """Guard against a drafter returning more than asked (a chain longer than k)."""
-    if len(cands) <= k or not cands.is_chain:
+    """Guard against a drafter returning more than asked (a chain longer than k, or a tree deeper
+    than k: its nodes below depth k are dropped)."""
+    if len(cands) <= k:
         return cands
-    probs = None if cands.draft_probs is None else cands.draft_probs[:k]
-    return Candidates.chain(cands.tokens[:k], probs)
+    if cands.is_chain:
+        probs = None if cands.draft_probs is None else cands.draft_probs[:k]
+        return Candidates.chain(cands.tokens[:k], probs)
+    keep = clip_tree_depth(cands.parents, k)
+    if len(keep) == len(cands):
+        return cands
+    new_index = {old: new for new, old in enumerate(keep)}
+    parents = [-1 if p < 0 else new_index[p] for p in cands.parents[keep].tolist()]
+    idx = torch.tensor(keep, dtype=torch.long)
+    probs = None if cands.draft_probs is None else cands.draft_probs[idx.to(cands.draft_probs.device)]
+    return Candidates(cands.tokens[idx.to(cands.tokens.device)], torch.tensor(parents, dtype=torch.long), probs)
