@@ -3,7 +3,8 @@
 Methods: ``plain`` (plain decoding through the engine: the baseline every speedup is relative to),
 ``hf_generate`` (Hugging Face ``generate``), ``hf_assisted`` / ``hf_prompt_lookup`` (Hugging Face
 assisted generation with the same draft model / n-gram size, where the drafter allows it) and
-``speculative`` (the engine with the drafter; one per draft length when several are swept).
+``speculative`` (the engine with the drafter; one per draft length and drafter variant, such as
+a Medusa tree shape, when several are swept).
 After one warm-up prompt, prompts are run in turn and the order of methods rotates per prompt,
 so drift in machine speed spreads over all methods alike.
 """
@@ -49,6 +50,8 @@ class BenchConfig:
     adaptive: bool = False
     seed: int = 0
     hf_baselines: bool = True
+    # Alternative drafters to sweep beside each other (e.g. Medusa tree shapes): label -> drafter.
+    variants: dict = field(default_factory=dict)
 
 
 def _sync(device: torch.device) -> None:
@@ -114,9 +117,12 @@ def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[li
         if isinstance(drafter, NgramDrafter) and k_hf > 0:
             methods["hf_prompt_lookup"] = hf_run(prompt_lookup_num_tokens=k_hf, max_matching_ngram_size=drafter.max_ngram)
     if drafter is not None:
-        for k in cfg.num_draft_tokens:
-            name = "speculative" if len(cfg.num_draft_tokens) == 1 else f"speculative[k={k}]"
-            methods[name] = engine_method(drafter, k)
+        variants = {None: drafter} if not cfg.variants else cfg.variants
+        for label, variant in variants.items():
+            for k in cfg.num_draft_tokens:
+                tags = ([label] if label else []) + ([f"k={k}"] if len(cfg.num_draft_tokens) > 1 else [])
+                name = "speculative" + (f"[{','.join(tags)}]" if tags else "")
+                methods[name] = engine_method(variant, k)
     return methods
 
 

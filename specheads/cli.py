@@ -37,6 +37,7 @@ def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> No
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches (default: %(default)s)")
+    g.add_argument("--tree", default="chain", help="Medusa candidate tree: chain, tree8, tree16" + ("; a comma list sweeps them" if sweep else "") + " (default: %(default)s)")
 
 
 def _setup(args):
@@ -51,8 +52,19 @@ def _setup(args):
     options = {"max_ngram": args.ngram_max} if args.drafter == "ngram" else {}
     if args.drafter not in ("ngram", "none", "plain"):
         options["trust_remote_code"] = args.trust_remote_code
+        options["tree"] = args.tree.split(",")[0]
     drafter = build_drafter(args.drafter, verifier, **options)
     return verifier, drafter
+
+
+def _tree_variants(args, verifier, drafter) -> dict:
+    """For a Medusa drafter and several --tree shapes: one drafter per shape, sharing the heads."""
+    from .drafters.medusa import MedusaDrafter
+
+    trees = [t for t in args.tree.split(",") if t]
+    if not isinstance(drafter, MedusaDrafter) or len(trees) < 2:
+        return {}
+    return {f"tree={t}": MedusaDrafter(drafter.heads, verifier, tree=t) for t in trees}
 
 
 def _sampling(args):
@@ -107,6 +119,7 @@ def run_bench(args) -> dict:
         raise SpecHeadsError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
     prompts = load_prompts(args.prompts, field=args.prompt_field, limit=args.num_prompts)
     verifier, drafter = _setup(args)
+    cfg.variants = _tree_variants(args, verifier, drafter)
     encoded = [verifier.encode(p) for p in prompts]
     report = run_benchmark(verifier, drafter, encoded, cfg)
     report["prompts"] = args.prompts
@@ -122,12 +135,31 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """Self-distil data, train Medusa-1 heads with the quick recipe, benchmark them, print the speedup."""
+    import os
+
+    from .training.loop import train
+    from .training.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if recipe.verifier.name != args.verifier:
+        args.verifier = recipe.verifier.name
+    final = os.path.join(recipe.training.output_dir, "drafter")
+    if args.retrain or not os.path.isfile(os.path.join(final, "model.safetensors")):
+        print(f"[specheads] step 1/2: self-distil data and train Medusa heads ({args.recipe})", flush=True)
+        final = train(recipe, resume=not args.retrain)
+    else:
+        print(f"[specheads] step 1/2: using the trained drafter in {final} (--retrain to train again)", flush=True)
+    print("[specheads] step 2/2: benchmark against plain decoding", flush=True)
+    args.drafter = final
     report = run_bench(args)
-    names = [n for n in report["methods"] if n.startswith("speculative")]
-    for n in names:
+    for n in [n for n in report["methods"] if n.startswith("speculative")]:
         m = report["methods"][n]
-        print(f"\n{n} with the {report['drafter']} drafter on {report['verifier']}: tau {m['tau']:.2f}, "
-              f"speedup {m['speedup']:.2f}x over plain decoding, identical to the verifier: {m['identical_to_verifier']}")
+        print(
+            f"\nMedusa heads on {report['verifier']} ({report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
+            f"T={report['temperature']}): tau {m['tau']:.2f}, speedup {m['speedup']:.2f}x over plain decoding, "
+            f"identical to the verifier: {m['identical_to_verifier']}\ndrafter checkpoint: {final}\nreport: {args.output}/report.json"
+        )
     return 0
 
 
@@ -180,9 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="override training.output_dir")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="the embedded-default job: benchmark a drafter for SmolLM2-135M and print the speedup",
-                       description="Benchmark the n-gram drafter on the embedded SmolLM2-135M verifier and the shipped prompts.")
+    p = sub.add_parser("demo", help="the embedded-default job: train Medusa heads for SmolLM2-135M, benchmark them, print the speedup",
+                       description="Self-distil data from the embedded SmolLM2-135M verifier, train Medusa-1 heads with the quick "
+                       "recipe, then benchmark them against plain decoding and Hugging Face generate on the shipped prompts.")
     _add_bench_args(p, output="outputs/demo")
+    p.add_argument("--recipe", default="recipes/smollm2_medusa1_quick.yaml", help="training recipe (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
+    p.add_argument("--retrain", action="store_true", help="train from scratch even if the recipe's drafter exists")
+    p.set_defaults(num_prompts=8)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -127,3 +127,20 @@ def test_help(command, capsys):
         main([command, "--help"])
     assert exc.value.code == 0
     assert "--max-new-tokens" in capsys.readouterr().out
+
+
+def test_bench_sweeps_medusa_trees(tiny_dirs, tmp_path):
+    from specheads.drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
+    from specheads.verifier import load_verifier
+
+    verifier = load_verifier(tiny_dirs["verifier"], device="cpu")
+    heads = MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=verifier.vocab_size, num_heads=3))
+    heads.init_lm_heads_from(verifier.model.lm_head.weight)
+    save_medusa(tmp_path / "medusa", heads, verifier)
+    args = bench_args(tiny_dirs, tmp_path / "out", str(tmp_path / "medusa"), "--tree", "chain,tree8", "--num-draft-tokens", "3", "--no-hf")
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["methods"]) == {"plain", "speculative[tree=chain]", "speculative[tree=tree8]"}
+    assert report["drafter"] == "medusa"
+    for m in report["methods"].values():
+        assert m["identical_to_verifier"] is True

@@ -60,5 +60,6 @@ class DraftContext:
     generator: torch.Generator | None = None
     # For drafters with needs_hidden_states: the verifier's hidden states (one tensor per layer,
     # embeddings first, as transformers returns them), each [m, H] for the m tokens the last
-    # forward accepted, ending with the row that predicted the pending token.
+    # forward accepted (after the prefill: every prompt token), ending with the row that
+    # predicted the pending token.
     hidden_states: tuple[torch.Tensor, ...] | None = None

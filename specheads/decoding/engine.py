@@ -120,7 +120,7 @@ class SpeculativeDecoder:
             output_hidden_states=wants_hidden,
         )
         first = self._sample_one(out.logits[0, -1], sampling, generator)
-        hidden = tuple(h[0, -1:] for h in out.hidden_states) if wants_hidden else None
+        hidden = tuple(h[0] for h in out.hidden_states) if wants_hidden else None
         tokens = prompt_ids + [first]
         new = [first]
         stats.prefill_s = time.perf_counter() - start

@@ -126,7 +126,10 @@ def tree_paths(name_or_paths, num_heads: int) -> list[tuple[int, ...]]:
     if isinstance(name_or_paths, str):
         if name_or_paths not in TREES:
             raise SpecHeadsError(f"unknown Medusa tree '{name_or_paths}' (known: {', '.join(TREES)})")
-        paths = [tuple([0] * d) for d in range(1, num_heads + 1)] if name_or_paths == "chain" else TREES[name_or_paths]
+        if name_or_paths == "chain":
+            paths = [tuple([0] * d) for d in range(1, num_heads + 1)]
+        else:  # a preset deeper than the heads is cut to their depth
+            paths = [p for p in TREES[name_or_paths] if len(p) <= num_heads]
     else:
         paths = [tuple(p) for p in name_or_paths]
     paths = sorted(set(paths), key=lambda p: (len(p), p))

@@ -1,0 +1,668 @@
+"""Training data for drafters: self-distillation from the verifier, and existing conversations.
+
+Both sources give one record per conversation with
+
+* ``input_ids``: the token ids of the whole conversation, as the verifier's chat template writes it;
+* ``prompt_length``: how many leading ids are prompt. A drafter is trained on the positions after
+  it (the assistant's answer); the prompt is context only.
+
+**Self-distillation** (``generate_self_distillation``) lets the verifier answer prompts itself, so a
+drafter learns the verifier's own distribution rather than another model's. Answers are generated
+in batches through ``model.generate`` with the KV cache, left padding and an attention mask, and
+stored under ``output_dir``::
+
+    output_dir/
+      manifest.json          verifier name + fingerprint, generation settings, shard list, count
+      shards/shard-00000/    a datasets.save_to_disk folder per shard (renamed into place when complete)
+      shards/shard-00001/ ...
+
+A run is resumable and appendable: prompts whose ``prompt_id`` (sha1 of the prompt) is already in
+a shard are skipped, so an interrupted run redoes at most its unfinished shard, and a run with new
+prompts adds shards. A directory made by another verifier or with other generation settings is
+refused. Only one process may write to an ``output_dir`` at a time.
+
+Prompts are processed one shard (``shard_size`` prompts) at a time; within a shard they are sorted
+by length so each batch pads little, and the shard's records are stored in input order. A batch
+never spans two shards, so the effective batch size is at most ``shard_size``.
+
+**Conversations** (``load_conversations``) come from a self-distilled directory, or from a jsonl
+file, a ``save_to_disk`` folder, a parquet file or a hub dataset with ``messages``
+(role/content) or ShareGPT ``conversations`` (from/value). They are tokenised with the verifier's
+chat template; ``prompt_length`` is the length of the chat-templated turns before the first
+assistant turn, with the generation prompt. Multi-turn conversations are kept whole: only the part
+before the first assistant turn is masked, so later user turns are trained on too (they are
+context the drafter sees at inference anyway, and masking them would need a template-specific
+parse of every turn boundary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..errors import SpecHeadsError
+from ..prompts import load_prompts
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+FORMAT = "specheads.self_distillation"
+FORMAT_VERSION = 1
+_TMP_PREFIX = ".tmp-"
+
+ROLE_ALIASES = {
+    "user": "user", "human": "user", "prompter": "user",
+    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant", "model": "assistant",
+    "bard": "assistant", "bing": "assistant", "ai": "assistant",
+    "system": "system",
+    "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",
+}
+
+
+def _features():
+    from datasets import Features, Value
+
+    try:  # datasets >= 4
+        from datasets import List
+    except ImportError:  # pragma: no cover - older datasets
+        from datasets import Sequence as List
+    return Features({
+        "prompt_id": Value("string"),
+        "messages": List({"role": Value("string"), "content": Value("string")}),
+        "input_ids": List(Value("int64")),
+        "prompt_length": Value("int64"),
+    })
+
+
+def _token_features():
+    from datasets import Features, Value
+
+    try:
+        from datasets import List
+    except ImportError:  # pragma: no cover
+        from datasets import Sequence as List
+    return Features({"input_ids": List(Value("int64")), "prompt_length": Value("int64")})
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def _normalise_turns(turns: Sequence[Any], where: str) -> list[dict]:
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise SpecHeadsError(f"{where}: a chat turn must be a dict with role and content, got {turn!r}")
+        raw_role = turn.get("role", turn.get("from"))
+        role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
+        if role is None:
+            raise SpecHeadsError(f"{where}: unknown chat role {raw_role!r} in turn {turn!r}")
+        out.append({"role": role, "content": _content_text(turn.get("content", turn.get("value", "")))})
+    return out
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI-style content parts
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
+
+
+def _check_prompt(prompt: Any, index: int) -> Any:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise SpecHeadsError(f"prompt {index} is blank: {prompt!r}")
+        return prompt
+    if isinstance(prompt, (list, tuple)) and prompt:
+        turns = _normalise_turns(prompt, f"prompt {index}")
+        if turns[-1]["role"] == "assistant":
+            raise SpecHeadsError(f"prompt {index} ends with an assistant turn, so there is nothing to answer: {prompt!r}")
+        return turns
+    raise SpecHeadsError(f"prompt {index} must be a string or a non-empty list of chat turns, got {prompt!r}")
+
+
+def prompt_id(prompt: str | Sequence[dict]) -> str:
+    """A stable id for a prompt: sha1 of its text (or of its turns as canonical JSON)."""
+    if isinstance(prompt, str):
+        payload = prompt
+    else:
+        payload = json.dumps([{"role": t["role"], "content": t["content"]} for t in prompt], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _tokenizer_info(verifier) -> dict:
+    tok = verifier.tokenizer
+    template = getattr(tok, "chat_template", None) if tok is not None else None
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return {
+        "vocab_size": len(tok) if tok is not None else None,
+        "chat_template_sha1": hashlib.sha1(template.encode("utf-8")).hexdigest() if template else None,
+    }
+
+
+def _verifier_info(verifier) -> dict:
+    return {
+        "name": str(verifier.name),
+        "fingerprint": verifier.fingerprint(),
+        "tokenizer": _tokenizer_info(verifier),
+        "eos_token_ids": list(verifier.eos_token_ids),
+    }
+
+
+def _same_verifier(a: dict, b: dict) -> bool:
+    keys = ("fingerprint", "tokenizer", "eos_token_ids")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _read_manifest(output_dir: Path) -> dict | None:
+    path = output_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecHeadsError(f"{path} is not valid JSON ({exc}): not a self-distillation directory?") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SpecHeadsError(f"{path} is not a specheads self-distillation manifest (format {manifest.get('format')!r})"
+                             if isinstance(manifest, dict) else f"{path} is not a specheads self-distillation manifest")
+    return manifest
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _shard_dirs(output_dir: Path) -> list[Path]:
+    root = output_dir / SHARDS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("shard-"))
+
+
+def _clean_tmp(output_dir: Path) -> None:
+    """Remove what an interrupted run left half-written (never a complete shard)."""
+    for root in (output_dir, output_dir / SHARDS):
+        if root.is_dir():
+            for p in root.iterdir():
+                if p.name.startswith(_TMP_PREFIX):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _load_shard(path: Path):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(path))
+
+
+def load_self_distilled(output_dir: str | os.PathLike):
+    """All records of a self-distillation directory, as one ``datasets.Dataset`` (shard order)."""
+    from datasets import Dataset, concatenate_datasets
+
+    output_dir = Path(output_dir)
+    if _read_manifest(output_dir) is None:
+        raise SpecHeadsError(f"{output_dir} is not a self-distillation directory: it has no {MANIFEST}")
+    shards = [_load_shard(p) for p in _shard_dirs(output_dir)]
+    if not shards:
+        return Dataset.from_dict({k: [] for k in _features()}, features=_features())
+    return shards[0] if len(shards) == 1 else concatenate_datasets(shards)
+
+
+def is_self_distilled(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return False
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _check_settings(max_new_tokens, temperature, top_p, batch_size, shard_size, seed) -> None:
+    def positive_int(name, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecHeadsError(f"{name} must be a positive integer, got {value!r}")
+
+    positive_int("max_new_tokens", max_new_tokens)
+    positive_int("batch_size", batch_size)
+    positive_int("shard_size", shard_size)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SpecHeadsError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise SpecHeadsError(f"temperature must be >= 0, got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise SpecHeadsError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def _generation_config(verifier, max_new_tokens, temperature, top_p, pad_id):
+    from transformers import GenerationConfig
+
+    sample = temperature > 0
+    # Every field that could change the distribution is set explicitly: generate() fills the
+    # fields left None from the model's own generation_config (which may carry a
+    # repetition penalty, top_k=50, ...). The result is the plain distribution that
+    # specheads' decoding verifies against: temperature, then top-p.
+    extra = dict(temperature=float(temperature), top_p=float(top_p)) if sample else {}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1, top_k=0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        eos_token_id=list(verifier.eos_token_ids) or None, pad_token_id=pad_id, use_cache=True,
+        return_dict_in_generate=False, **extra,
+    )
+
+
+def _pad_id(verifier) -> int:
+    tok_pad = getattr(verifier.tokenizer, "pad_token_id", None)
+    if tok_pad is not None:
+        return int(tok_pad)
+    eos = verifier.eos_token_ids
+    return int(eos[0]) if eos else 0
+
+
+def _generate_batch(verifier, batch: list[list[int]], gen_config, pad_id: int, seed: int | None) -> list[list[int]]:
+    """Answer ids for each prompt in ``batch`` (left-padded), cut after the first eos."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids):] = 1
+    device = verifier.device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = verifier.model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=gen_config,
+        )
+    if hasattr(out, "sequences"):
+        out = out.sequences
+    eos = set(verifier.eos_token_ids)
+    answers = []
+    for row in out[:, width:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in eos), None)
+        answers.append(row if stop is None else row[: stop + 1])
+    return answers
+
+
+def _batch_seed(seed: int, ids: list[str]) -> int:
+    """Sampling seed of one batch: depends on the seed and the batch's prompts, not on run history."""
+    digest = hashlib.sha1((str(seed) + "".join(ids)).encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def generate_self_distillation(
+    verifier,
+    prompts: Iterable[str | Sequence[dict]] | str,
+    output_dir: str | os.PathLike,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    shard_size: int = 64,
+    progress: bool = True,
+):
+    """Let the verifier answer ``prompts`` and store the conversations under ``output_dir``.
+
+    ``prompts``: strings or chat-turn lists, or a prompt source name for ``load_prompts`` (a
+    jsonl file, a saved dataset, a hub dataset or ``"default"``). Returns every record stored in
+    ``output_dir`` (earlier runs' too) as one ``datasets.Dataset`` with columns ``prompt_id``,
+    ``messages`` (the prompt's turns plus the assistant's answer), ``input_ids`` (the encoded
+    prompt followed by the answer ids, ending with eos when one was produced) and
+    ``prompt_length``. Greedy when ``temperature`` is 0; otherwise sampled with temperature and
+    top-p, seeded per batch from ``seed``.
+    """
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    _check_settings(max_new_tokens, temperature, top_p, batch_size, shard_size, seed)
+    if verifier.tokenizer is None:
+        raise SpecHeadsError(f"verifier '{verifier.name}' has no tokenizer: self-distillation needs one to encode prompts")
+    if isinstance(prompts, (str, os.PathLike)):
+        prompts = load_prompts(str(prompts))
+    prompts = [_check_prompt(p, i) for i, p in enumerate(prompts)]
+    if not prompts:
+        raise SpecHeadsError("no prompts to self-distil: the prompt list is empty")
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SpecHeadsError(f"output_dir {output_dir} exists and is not a directory")
+    info = _verifier_info(verifier)
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": float(temperature),
+        "top_p": float(top_p) if temperature > 0 else 1.0,
+        "seed": seed if temperature > 0 else None,  # greedy answers do not depend on the seed
+    }
+    manifest = _read_manifest(output_dir)
+    if manifest is None:
+        if output_dir.is_dir() and any(not p.name.startswith(_TMP_PREFIX) for p in output_dir.iterdir()):
+            raise SpecHeadsError(f"output_dir {output_dir} is not empty and has no {MANIFEST}: refusing to write into it")
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "verifier": info, "generation": settings,
+                    "shards": [], "count": 0, "runs": []}
+    else:
+        old = manifest.get("verifier", {})
+        if not _same_verifier(old, info):
+            raise SpecHeadsError(
+                f"output_dir {output_dir} was made by verifier '{old.get('name')}' (fingerprint {old.get('fingerprint')}, "
+                f"tokenizer {old.get('tokenizer')}, eos {old.get('eos_token_ids')}), not by verifier '{info['name']}' "
+                f"(fingerprint {info['fingerprint']}, tokenizer {info['tokenizer']}, eos {info['eos_token_ids']}): "
+                f"use another output_dir"
+            )
+        if manifest.get("generation") != settings:
+            raise SpecHeadsError(
+                f"output_dir {output_dir} was generated with settings {manifest.get('generation')}, "
+                f"but this run asks for {settings}: use the same settings or another output_dir"
+            )
+    (output_dir / SHARDS).mkdir(parents=True, exist_ok=True)
+    _clean_tmp(output_dir)
+
+    # What is already stored (the shard folders are the truth; the manifest is rewritten to match).
+    done: set[str] = set()
+    shard_list = []
+    for path in _shard_dirs(output_dir):
+        ids = _load_shard(path)["prompt_id"]
+        done.update(ids)
+        shard_list.append({"name": path.name, "count": len(ids)})
+    listed = {s["name"] for s in manifest.get("shards", [])}
+    missing = listed - {s["name"] for s in shard_list}
+    if missing:
+        logger.warning("shards listed in %s but missing on disk (their prompts are redone): %s", output_dir / MANIFEST, sorted(missing))
+    manifest["shards"], manifest["count"] = shard_list, sum(s["count"] for s in shard_list)
+    _write_json_atomic(output_dir / MANIFEST, manifest)
+
+    todo, seen = [], set(done)
+    for p in prompts:
+        pid = prompt_id(p)
+        if pid not in seen:
+            seen.add(pid)
+            todo.append((pid, p))
+    skipped_done = len(prompts) - len(todo)
+    next_index = 1 + max((int(s["name"].split("-")[1]) for s in shard_list), default=-1)
+
+    gen_config = _generation_config(verifier, max_new_tokens, temperature, top_p, _pad_id(verifier))
+    pad_id = _pad_id(verifier)
+    max_context = verifier.max_context
+    features = _features()
+    stats = {"prompts": 0, "generated_tokens": 0, "generate_seconds": 0.0, "too_long": 0}
+    started = time.perf_counter()
+    bar = tqdm(total=len(todo), disable=not progress, unit="prompt", desc="self-distillation")
+    try:
+        for start in range(0, len(todo), shard_size):
+            chunk = todo[start: start + shard_size]
+            encoded = []
+            for pid, p in chunk:
+                ids = verifier.encode(p)
+                if max_context is not None and len(ids) + max_new_tokens > max_context:
+                    stats["too_long"] += 1
+                    continue
+                encoded.append((pid, p, ids))
+            bar.update(len(chunk) - len(encoded))
+            # Longest first, so batches pad little and the largest batch runs first.
+            order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][2]))
+            answers: dict[int, list[int]] = {}
+            for b in range(0, len(order), batch_size):
+                rows = order[b: b + batch_size]
+                batch_seed = _batch_seed(seed, [encoded[i][0] for i in rows]) if temperature > 0 else None
+                t0 = time.perf_counter()
+                out = _generate_batch(verifier, [encoded[i][2] for i in rows], gen_config, pad_id, batch_seed)
+                stats["generate_seconds"] += time.perf_counter() - t0
+                for i, ans in zip(rows, out):
+                    answers[i] = ans
+                    stats["generated_tokens"] += len(ans)
+                bar.update(len(rows))
+            if not encoded:
+                continue
+            records = {k: [] for k in features}
+            for i, (pid, p, ids) in enumerate(encoded):  # input order within the shard
+                turns = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+                answer_text = verifier.decode(answers[i])
+                records["prompt_id"].append(pid)
+                records["messages"].append(turns + [{"role": "assistant", "content": answer_text}])
+                records["input_ids"].append(list(ids) + answers[i])
+                records["prompt_length"].append(len(ids))
+            name = f"shard-{next_index:05d}"
+            next_index += 1
+            tmp = output_dir / SHARDS / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+            Dataset.from_dict(records, features=features).save_to_disk(str(tmp))
+            os.replace(tmp, output_dir / SHARDS / name)  # a shard exists complete or not at all
+            manifest["shards"].append({"name": name, "count": len(encoded)})
+            manifest["count"] += len(encoded)
+            stats["prompts"] += len(encoded)
+            _write_json_atomic(output_dir / MANIFEST, manifest)
+    finally:
+        bar.close()
+    total = time.perf_counter() - started
+    tps = stats["generated_tokens"] / stats["generate_seconds"] if stats["generate_seconds"] > 0 else 0.0
+    run = {
+        "prompts": stats["prompts"], "skipped_already_stored": skipped_done, "skipped_too_long": stats["too_long"],
+        "generated_tokens": stats["generated_tokens"], "generate_seconds": round(stats["generate_seconds"], 3),
+        "tokens_per_s": round(tps, 2), "wall_seconds": round(total, 3), "batch_size": batch_size,
+        "dtype": str(verifier.dtype).replace("torch.", ""), "device": str(verifier.device),
+    }
+    manifest.setdefault("runs", []).append(run)
+    _write_json_atomic(output_dir / MANIFEST, manifest)
+    message = (
+        f"self-distillation: {stats['prompts']} prompts answered ({skipped_done} already stored"
+        + (f", {stats['too_long']} skipped: prompt + max_new_tokens > context {max_context}" if stats["too_long"] else "")
+        + f"), {stats['generated_tokens']} tokens in {stats['generate_seconds']:.1f} s = {tps:.1f} tokens/s; "
+        f"{manifest['count']} records in {output_dir}"
+    )
+    logger.info(message)
+    if progress:
+        print(f"[specheads] {message}", file=sys.stderr, flush=True)
+    return load_self_distilled(output_dir)
+
+
+def last_run_stats(output_dir: str | os.PathLike) -> dict | None:
+    """Counts and throughput of the latest ``generate_self_distillation`` run in ``output_dir``."""
+    manifest = _read_manifest(Path(output_dir))
+    runs = (manifest or {}).get("runs") or []
+    return runs[-1] if runs else None
+
+
+# ----------------------------------------------------------------------------- conversations
+
+
+def _records_from_source(source) -> tuple[Iterable[dict], str]:
+    """(records, a name for messages) from a file, a saved dataset, a hub dataset or a Dataset."""
+    from datasets import Dataset, DatasetDict
+
+    if isinstance(source, Dataset):
+        return source, f"<Dataset with {len(source)} rows>"
+    if isinstance(source, (list, tuple)):
+        return source, f"<list of {len(source)} records>"
+    if not isinstance(source, (str, os.PathLike)):
+        raise SpecHeadsError(f"conversation source must be a path, a dataset name or a Dataset, got {source!r}")
+    name = str(source)
+    if name.endswith((".jsonl", ".json")):
+        if not os.path.isfile(name):
+            raise SpecHeadsError(f"conversation file not found: {name}")
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+        if name.endswith(".json") and text.lstrip().startswith("["):
+            try:
+                return json.loads(text), name
+            except json.JSONDecodeError as exc:
+                raise SpecHeadsError(f"{name} is not valid JSON: {exc}") from exc
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise SpecHeadsError(f"{name}:{lineno} is not valid JSON: {exc}") from exc
+        return records, name
+    if name.endswith(".parquet"):
+        if not os.path.isfile(name):
+            raise SpecHeadsError(f"conversation file not found: {name}")
+        import pyarrow.parquet as pq
+
+        return pq.read_table(name).to_pylist(), name
+    if os.path.isdir(name):
+        from datasets import load_from_disk
+
+        try:
+            data = load_from_disk(name)
+        except FileNotFoundError as exc:
+            raise SpecHeadsError(f"{name} is neither a self-distillation directory nor a saved dataset ({exc})") from exc
+    elif name.startswith((".", "/", "~")):
+        raise SpecHeadsError(f"conversation source not found: {name}")
+    else:
+        from datasets import load_dataset
+
+        hub, _, split = name.partition(":")
+        try:
+            data = load_dataset(hub, split=split or "train")
+        except Exception as exc:  # datasets raises many types for "not found / offline"
+            raise SpecHeadsError(f"cannot load conversations from '{name}': not a file, a saved dataset or a reachable hub dataset ({exc})") from exc
+    if isinstance(data, DatasetDict):
+        if "train" in data:
+            data = data["train"]
+        elif len(data) == 1:
+            data = next(iter(data.values()))
+        else:
+            raise SpecHeadsError(f"saved dataset {name} has splits {sorted(data)}: name one as a saved folder of its own")
+    return data, name
+
+
+def _chat_ids(tokenizer, turns, add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def tokenize_conversation(verifier, turns: list[dict]) -> tuple[list[int], int] | None:
+    """(input_ids, prompt_length) of normalised turns, or None without an assistant turn after a prompt."""
+    first = next((i for i, t in enumerate(turns) if t["role"] == "assistant"), None)
+    if first is None or first == 0:
+        return None
+    full = _chat_ids(verifier.tokenizer, turns, add_generation_prompt=False)
+    prompt = _chat_ids(verifier.tokenizer, turns[:first], add_generation_prompt=True)
+    if full[: len(prompt)] == prompt:
+        return full, len(prompt)
+    # A template that writes the prompt differently once an answer follows: the common prefix is prompt.
+    common = 0
+    for a, b in zip(full, prompt):
+        if a != b:
+            break
+        common += 1
+    return full, common
+
+
+def load_conversations(source, verifier, *, max_length: int | None = None):
+    """Conversations as a ``datasets.Dataset`` with ``input_ids`` and ``prompt_length`` columns.
+
+    ``source``: a self-distillation directory, a jsonl / json / parquet file, a ``save_to_disk``
+    folder, a hub dataset (``name`` or ``name:split``), a ``datasets.Dataset`` or a list of
+    records. Records carry ``messages`` (role/content) or ShareGPT ``conversations``
+    (from/value); records without an assistant turn after a prompt are skipped (and counted).
+    ``max_length`` truncates each conversation; one left with no answer token is skipped.
+    """
+    from datasets import Dataset
+
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise SpecHeadsError(f"max_length must be an integer >= 2, got {max_length!r}")
+    if verifier.tokenizer is None:
+        raise SpecHeadsError(f"verifier '{verifier.name}' has no tokenizer: conversations cannot be tokenised")
+
+    input_ids: list[list[int]] = []
+    prompt_lengths: list[int] = []
+    skipped = {"no assistant turn": 0, "nothing left to train on after truncation to max_length": 0}
+
+    def add(ids, plen):
+        if max_length is not None:
+            ids, plen = ids[:max_length], min(plen, max_length)
+        if plen >= len(ids):
+            skipped["nothing left to train on after truncation to max_length"] += 1
+            return
+        input_ids.append(list(ids))
+        prompt_lengths.append(int(plen))
+
+    stored = None
+    if isinstance(source, (str, os.PathLike)) and is_self_distilled(source):
+        manifest = _read_manifest(Path(source))
+        data = load_self_distilled(source)
+        name = str(source)
+        if _same_verifier(manifest.get("verifier", {}), _verifier_info(verifier)):
+            stored = data
+        else:
+            logger.warning("%s was generated by verifier '%s', not '%s': re-tokenising its messages with this verifier's chat template",
+                           name, manifest.get("verifier", {}).get("name"), verifier.name)
+            records = data.select_columns(["messages"])
+    else:
+        records, name = _records_from_source(source)
+
+    if stored is not None:
+        for ids, plen in zip(stored["input_ids"], stored["prompt_length"]):
+            add(ids, plen)
+    else:
+        if not getattr(verifier.tokenizer, "chat_template", None):
+            raise SpecHeadsError(f"verifier '{verifier.name}' has no chat template, so the conversations in {name} cannot be tokenised")
+        for index, record in enumerate(records):
+            record = dict(record)
+            turns = record.get("messages") if record.get("messages") is not None else record.get("conversations")
+            if turns is None:
+                raise SpecHeadsError(f"{name}: record {index} has no 'messages' or 'conversations' field (keys {sorted(record)})")
+            if isinstance(turns, str):  # some datasets store the turns as a JSON string
+                try:
+                    turns = json.loads(turns)
+                except json.JSONDecodeError as exc:
+                    raise SpecHeadsError(f"{name}: record {index} has turns that are neither a list nor JSON: {turns[:80]!r}") from exc
+            if not isinstance(turns, list):
+                raise SpecHeadsError(f"{name}: record {index} has turns of type {type(turns).__name__}, not a list: {turns!r}")
+            result = tokenize_conversation(verifier, _normalise_turns(turns, f"{name}: record {index}"))
+            if result is None:
+                skipped["no assistant turn"] += 1
+                continue
+            add(*result)
+
+    dropped = {k: v for k, v in skipped.items() if v}
+    if dropped:
+        detail = ", ".join(f"{v} with {k}" for k, v in dropped.items())
+        logger.warning("%s: skipped %d records (%s)", name, sum(dropped.values()), detail)
+        print(f"[specheads] {name}: skipped {sum(dropped.values())} records ({detail})", file=sys.stderr, flush=True)
+    if not input_ids:
+        why = f" ({', '.join(f'{v} with {k}' for k, v in dropped.items())})" if dropped else ""
+        raise SpecHeadsError(f"no usable conversations in {name}{why}")
+    return Dataset.from_dict({"input_ids": input_ids, "prompt_length": prompt_lengths}, features=_token_features())
+
+
+def split_train_eval(dataset, eval_fraction: float = 0.05, seed: int = 0):
+    """A deterministic (train, eval) split; eval gets at least one example, train keeps at least one."""
+    import random
+
+    n = len(dataset)
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 < eval_fraction < 1:
+        raise SpecHeadsError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction!r}")
+    if n < 2:
+        raise SpecHeadsError(f"cannot split a dataset of {n} example(s) into train and eval: need at least 2")
+    n_eval = min(n - 1, max(1, round(n * eval_fraction)))
+    eval_idx = sorted(random.Random(seed).sample(range(n), n_eval))
+    chosen = set(eval_idx)
+    train_idx = [i for i in range(n) if i not in chosen]
+    return dataset.select(train_idx), dataset.select(eval_idx)
