@@ -138,51 +138,18 @@ class SpeculativeDecoder:
             else:
                 cands = Candidates.empty()
             t1 = time.perf_counter()
-            if not cands.is_chain:
-                emitted, n_acc, depth, hidden = self._tree_step(
-                    cands, tokens, cache, cache_kw, sampling, generator, device, wants_hidden
-                )
-                t2 = time.perf_counter()
-                kept = self._cut_at_stop(emitted, new, eos, stop_strings)
-                tokens.extend(kept)
-                new.extend(kept)
-                stats.observe_step(depth, n_acc, len(kept))
-                stats.draft_s += t1 - t0
-                stats.verify_s += t2 - t1
-                controller.update(k, depth, n_acc, t2 - t1, t1 - t0)
-                drafter.observe(n_acc, kept)
-                finish = self._finish_reason(new, len(kept), eos, max_new_tokens, stop_strings)
-                continue
-            step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)
-            out = self.model(
-                input_ids=step_ids[None],
-                **cache_kw,
-                use_cache=True,
-                output_hidden_states=wants_hidden,
-            )
-            logits = out.logits[0]
-            if sampling.greedy:
-                n_acc, nxt = greedy_verify(logits, cands.tokens.to(device))
-            else:
-                n_acc, nxt = speculative_sampling(
-                    sampling.probs(logits),
-                    cands.tokens.to(device),
-                    None if cands.draft_probs is None else cands.draft_probs.to(device),
-                    generator,
-                )
-            # Roll back: keep the pending token and the accepted drafts.
-            truncate_cache(cache, len(tokens) + n_acc)
+            step = self._chain_step if cands.is_chain else self._tree_step
+            emitted, n_acc, drafted, step_hidden = step(cands, tokens, cache, cache_kw, sampling, generator, device, wants_hidden)
             t2 = time.perf_counter()
-            emitted = cands.tokens[:n_acc].tolist() + [nxt]
+            if wants_hidden:
+                hidden = step_hidden
             kept = self._cut_at_stop(emitted, new, eos, stop_strings)
             tokens.extend(kept)
             new.extend(kept)
-            if wants_hidden:
-                hidden = tuple(h[0, : n_acc + 1] for h in out.hidden_states)
-            stats.observe_step(len(cands), n_acc, len(kept))
+            stats.observe_step(drafted, n_acc, len(kept))
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
-            controller.update(k, len(cands), n_acc, t2 - t1, t1 - t0)
+            controller.update(k, drafted, n_acc, t2 - t1, t1 - t0)
             if drafter is not None:
                 drafter.observe(n_acc, kept)
             finish = self._finish_reason(new, len(kept), eos, max_new_tokens, stop_strings)
@@ -192,7 +159,31 @@ class SpeculativeDecoder:
         text = self.verifier.decode(new) if getattr(self.verifier, "tokenizer", None) is not None else None
         return GenerationOutput(prompt_ids=prompt_ids, token_ids=new, finish_reason=finish, stats=stats, text=text)
 
-    # -- tree steps ---------------------------------------------------------------------------
+    # -- verify steps -------------------------------------------------------------------------
+    def _chain_step(self, cands: Candidates, tokens: list[int], cache, cache_kw, sampling, generator, device, wants_hidden):
+        """Verify a chain (or nothing: plain decoding) in one plain causal forward.
+
+        Returns (emitted tokens, number of accepted drafts, number drafted, the hidden states of
+        the pending token and accepted drafts for the drafter, or None).
+        """
+        step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)
+        out = self.model(input_ids=step_ids[None], **cache_kw, use_cache=True, output_hidden_states=wants_hidden)
+        logits = out.logits[0]
+        if sampling.greedy:
+            n_acc, nxt = greedy_verify(logits, cands.tokens.to(device))
+        else:
+            n_acc, nxt = speculative_sampling(
+                sampling.probs(logits),
+                cands.tokens.to(device),
+                None if cands.draft_probs is None else cands.draft_probs.to(device),
+                generator,
+            )
+        # Roll back: keep the pending token and the accepted drafts.
+        truncate_cache(cache, len(tokens) + n_acc)
+        emitted = cands.tokens[:n_acc].tolist() + [nxt]
+        hidden = tuple(h[0, : n_acc + 1] for h in out.hidden_states) if wants_hidden else None
+        return emitted, n_acc, len(cands), hidden
+
     def _tree_step(self, cands: Candidates, tokens: list[int], cache, cache_kw, sampling, generator, device, wants_hidden):
         """Verify a candidate tree in one forward with tree attention and fix the cache.
 

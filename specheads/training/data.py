@@ -37,6 +37,7 @@ parse of every turn boundary).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -207,10 +208,25 @@ def _clean_tmp(output_dir: Path) -> None:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No "Saving the dataset" / "Loading" bars from datasets under our own progress bar."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def _load_shard(path: Path):
     from datasets import load_from_disk
 
-    return load_from_disk(str(path))
+    with _quiet_datasets():
+        return load_from_disk(str(path))
 
 
 def load_self_distilled(output_dir: str | os.PathLike):
@@ -263,10 +279,13 @@ def _generation_config(verifier, max_new_tokens, temperature, top_p, pad_id):
     # fields left None from the model's own generation_config (which may carry a
     # repetition penalty, top_k=50, ...). The result is the plain distribution that
     # specheads' decoding verifies against: temperature, then top-p.
-    extra = dict(temperature=float(temperature), top_p=float(top_p)) if sample else {}
+    extra = (
+        dict(temperature=float(temperature), top_p=float(top_p), top_k=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+        if sample else {}
+    )
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1, top_k=0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=sample, num_beams=1,
+        repetition_penalty=1.0, no_repeat_ngram_size=0,
         eos_token_id=list(verifier.eos_token_ids) or None, pad_token_id=pad_id, use_cache=True,
         return_dict_in_generate=False, **extra,
     )
@@ -289,7 +308,7 @@ def _generate_batch(verifier, batch: list[list[int]], gen_config, pad_id: int, s
         input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         attention[row, width - len(ids):] = 1
     device = verifier.device
-    devices = [device] if device.type == "cuda" else []
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         if seed is not None:
             torch.manual_seed(seed)
@@ -403,8 +422,8 @@ def generate_self_distillation(
     skipped_done = len(prompts) - len(todo)
     next_index = 1 + max((int(s["name"].split("-")[1]) for s in shard_list), default=-1)
 
-    gen_config = _generation_config(verifier, max_new_tokens, temperature, top_p, _pad_id(verifier))
     pad_id = _pad_id(verifier)
+    gen_config = _generation_config(verifier, max_new_tokens, temperature, top_p, pad_id)
     max_context = verifier.max_context
     features = _features()
     stats = {"prompts": 0, "generated_tokens": 0, "generate_seconds": 0.0, "too_long": 0}
@@ -447,7 +466,8 @@ def generate_self_distillation(
             name = f"shard-{next_index:05d}"
             next_index += 1
             tmp = output_dir / SHARDS / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-            Dataset.from_dict(records, features=features).save_to_disk(str(tmp))
+            with _quiet_datasets():
+                Dataset.from_dict(records, features=features).save_to_disk(str(tmp))
             os.replace(tmp, output_dir / SHARDS / name)  # a shard exists complete or not at all
             manifest["shards"].append({"name": name, "count": len(encoded)})
             manifest["count"] += len(encoded)

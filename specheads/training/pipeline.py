@@ -10,7 +10,7 @@ from ..errors import SpecHeadsError
 
 
 def prepare_datasets(recipe, verifier, accelerator=None):
-    from .data import generate_self_distillation, load_conversations, load_self_distilled, split_train_eval
+    from .data import generate_self_distillation, load_conversations, split_train_eval
 
     d = recipe.data
     is_main = accelerator is None or accelerator.is_main_process
@@ -32,18 +32,8 @@ def prepare_datasets(recipe, verifier, accelerator=None):
             )
         if accelerator is not None:
             accelerator.wait_for_everyone()
-        dataset = load_self_distilled(s.output_dir)
-        dataset = _truncate(dataset, d.max_length)
+        dataset = load_conversations(s.output_dir, verifier, max_length=d.max_length)
     if len(dataset) < 2:
         raise SpecHeadsError(f"the training data has {len(dataset)} examples; at least 2 are needed (train + eval)")
     return split_train_eval(dataset, eval_fraction=d.eval_fraction, seed=recipe.training.seed)
 
-
-def _truncate(dataset, max_length: int):
-    def cut(x):
-        ids = x["input_ids"][:max_length]
-        return {"input_ids": ids, "prompt_length": min(x["prompt_length"], len(ids))}
-
-    dataset = dataset.map(cut)
-    # Examples with no answer token inside max_length teach nothing.
-    return dataset.filter(lambda x: x["prompt_length"] < len(x["input_ids"]) - 2)
