@@ -232,3 +232,22 @@ def test_two_processes_match_one(tmp_path):
     # nearly sign(g), which turns float-rounding differences in near-zero gradients into small
     # weight differences. The trajectories must still agree closely.
     torch.testing.assert_close(torch.tensor(loss1), torch.tensor(loss2), atol=0, rtol=3e-2)
+
+
+def test_medusa2_trains_lora_jointly_and_saves_the_adapted_verifier(tmp_path):
+    """Medusa-2: LoRA adapters join after the heads' warm-up; the merged verifier is saved and the
+    heads decode losslessly with respect to it."""
+    from specheads.verifier import load_verifier
+
+    v = tiny_verifier()
+    before = {n: p.clone() for n, p in v.model.named_parameters()}
+    r = recipe(tmp_path, "training.max_steps=30", "training.lora={r: 4, alpha: 8, heads_warmup_steps: 10, lr: 0.01, target_modules: [q_proj, v_proj]}")
+    final = train(r, verifier=v, datasets=(counting_data(64, 0), counting_data(8, 1)), progress=False)
+    adapted = load_verifier(str(tmp_path / "verifier"), device="cpu")
+    changed = [n for n, p in adapted.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed), changed
+    drafter = build_drafter(final, adapted)
+    prompt = [2 + (7 + i) % (V - 2) for i in range(8)]
+    ref = adapted.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20)[0, 8:].tolist()
+    out = SpeculativeDecoder(adapted, drafter, num_draft_tokens=3).generate(prompt, max_new_tokens=20, eos_token_ids=[1])
+    assert out.token_ids == ref
