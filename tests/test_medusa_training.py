@@ -251,3 +251,28 @@ def test_medusa2_trains_lora_jointly_and_saves_the_adapted_verifier(tmp_path):
     ref = adapted.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20)[0, 8:].tolist()
     out = SpeculativeDecoder(adapted, drafter, num_draft_tokens=3).generate(prompt, max_new_tokens=20, eos_token_ids=[1])
     assert out.token_ids == ref
+
+
+def test_hidden_state_cache_skips_the_verifier_after_the_first_epoch(tmp_path, capsys):
+    v = tiny_verifier()
+    data = (counting_data(32, 0), counting_data(8, 1))  # 4 steps per epoch at batch 8
+    plain = train(recipe(tmp_path / "plain", "training.max_steps=12"), verifier=v, datasets=data, progress=False)
+    calls = []
+    real_forward = v.model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(kwargs.get("input_ids", args[0] if args else None).shape[0])
+        return real_forward(*args, **kwargs)
+
+    v.model.forward = counting_forward
+    try:
+        cached = train(recipe(tmp_path / "cached", "training.max_steps=12", "training.cache_hidden_states=true"),
+                       verifier=v, datasets=data, progress=False)
+    finally:
+        v.model.forward = real_forward
+    assert "bytes per token" in capsys.readouterr().out
+    # 3 epochs of 4 steps: only the first epoch's 4 training batches run the verifier, plus 1 eval batch
+    assert sum(1 for b in calls if b == 8) == 4 + 1, calls  # without the cache: 12 + 1
+    a, b = load_drafter_state(plain)[1], load_drafter_state(cached)[1]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)

@@ -28,8 +28,9 @@ from .recipe import Recipe
 CHECKPOINTS = "checkpoints"
 
 
-def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad input_ids; answer_mask marks answer tokens (the ones losses may target)."""
+def collate(batch: list[dict], pad_id: int, indices: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad input_ids; answer_mask marks answer tokens (the ones losses may target);
+    ``index`` (the examples' dataset indices) lets the hidden-state cache find them."""
     T = max(len(x["input_ids"]) for x in batch)
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
     attn = torch.zeros((len(batch), T), dtype=torch.long)
@@ -39,7 +40,10 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(x["input_ids"])
         attn[i, :n] = 1
         answer[i, x["prompt_length"] : n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "answer_mask": answer}
+    out = {"input_ids": ids, "attention_mask": attn, "answer_mask": answer}
+    if indices is not None:
+        out["index"] = torch.tensor(indices, dtype=torch.long)
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -104,6 +108,8 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
     if recipe.drafter.draft_vocab_size:
         token_map = build_token_map(train_ds, verifier.vocab_size, recipe.drafter.draft_vocab_size)
     objective = MedusaObjective(verifier, recipe.drafter, recipe.objective, t.lora, token_map=token_map)
+    if t.cache_hidden_states:
+        objective.hidden_cache = _open_hidden_cache(accelerator, train_ds, verifier, t)
     module = objective.module.to(accelerator.device)
     groups = objective.param_groups(module, t.lr, t.weight_decay)
     optimizer = torch.optim.AdamW(groups)
@@ -170,7 +176,7 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
             mine = idx[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
             if not mine:
                 continue
-            batch = {k: v.to(accelerator.device) for k, v in collate([train_ds[i] for i in mine], pad_id).items()}
+            batch = {k: v.to(accelerator.device) for k, v in collate([train_ds[i] for i in mine], pad_id, mine).items()}
             with accelerator.accumulate(module):
                 loss, metrics = objective.loss(module, batch, normalize=normalize)
                 accelerator.backward(loss)
@@ -260,6 +266,22 @@ def _save_tuned_verifier(accelerator, objective, module, verifier, path: str) ->
 
     atomic_directory(path, write)
     accelerator.print(f"[specheads] adapted verifier (Medusa-2, LoRA merged): {path}")
+
+
+def _open_hidden_cache(accelerator, train_ds, verifier, t):
+    from .hidden_cache import HiddenStateCache
+
+    if t.lora is not None:
+        raise SpecHeadsError("training.cache_hidden_states needs a frozen verifier; it cannot be used with training.lora (Medusa-2)")
+    lengths = [len(x["input_ids"]) for x in train_ds]
+    path = os.path.join(t.output_dir, "hidden_cache")
+    if accelerator.is_main_process:
+        accelerator.print(f"[specheads] hidden-state cache at {path}: {HiddenStateCache.describe(lengths, verifier.hidden_size, verifier.dtype)}")
+        cache = HiddenStateCache(path, lengths, verifier.hidden_size, verifier.dtype, create=True)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        cache = HiddenStateCache(path, lengths, verifier.hidden_size, verifier.dtype, create=False)
+    return cache
 
 
 def _has_tensorboard() -> bool:

@@ -53,6 +53,7 @@ class MedusaObjective:
             peft_cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=list(lora_cfg.target_modules))
             tuned = get_peft_model(verifier.model, peft_cfg)
         self.module = MedusaTrainingModule(heads, tuned)
+        self.hidden_cache = None  # a HiddenStateCache, set by the loop when the recipe asks for one
         self.weights = [objective_cfg.head_decay**k for k in range(self.medusa_cfg.num_heads)]
         V = verifier.vocab_size
         if token_map is not None:  # verifier id -> draft id, -100 where the draft vocabulary has no entry
@@ -72,7 +73,15 @@ class MedusaObjective:
 
     # -- forward pieces ---------------------------------------------------------------------
     def _verifier_out(self, module, batch):
+        """(last hidden states [B, T, H], verifier logits [B, T, V] or None when not needed)."""
         m = _unwrap(module)
+        cache = self.hidden_cache if m.tuned_verifier is None and "index" in batch else None
+        if cache is not None:
+            indices = batch["index"].tolist()
+            if cache.has(indices):
+                hidden = cache.load(indices, batch["input_ids"].shape[1], batch["input_ids"].device)
+                logits = self.verifier.model.get_output_embeddings()(hidden) if self.cfg.loss == "kl" else None
+                return hidden, logits
         model = m.tuned_verifier if m.tuned_verifier is not None else self.verifier.model
         kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         if m.tuned_verifier is not None:
@@ -80,6 +89,8 @@ class MedusaObjective:
         else:
             with torch.no_grad():
                 out = model(**kwargs)
+        if cache is not None:
+            cache.store(indices, out.hidden_states[-1])
         return out.hidden_states[-1], out.logits
 
     def _targets(self, batch, k: int):
