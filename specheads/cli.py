@@ -180,7 +180,7 @@ def _add_bench_args(p: argparse.ArgumentParser, *, output: str) -> None:
     g = p.add_argument_group("prompts and report")
     g.add_argument("--prompts", default="default", help="'default' (shipped set), a .jsonl file (MT-Bench 'turns' or 'prompt' records), a saved dataset dir, or a hub dataset 'name[:split]' (default: %(default)s)")
     g.add_argument("--prompt-field", default=None, help="record field holding the prompt (default: detected)")
-    g.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
+    g.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: %(default)s; None = all)")
     g.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate / assisted-generation baselines")
     g.add_argument("--output", default=output, help="folder for report.json, report.md and report.png (default: %(default)s)")
 
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="recipes/smollm2_medusa1_quick.yaml", help="training recipe (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     p.add_argument("--retrain", action="store_true", help="train from scratch even if the recipe's drafter exists")
-    p.set_defaults(num_prompts=8)
+    p.set_defaults(num_prompts=5)
     p.set_defaults(func=cmd_demo)
     return parser
 
