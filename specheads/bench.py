@@ -48,6 +48,7 @@ class BenchConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     num_draft_tokens: tuple[int, ...] = (4,)
     adaptive: bool = False
+    typical_acceptance: bool = False  # LOSSY opt-in (sampling only)
     seed: int = 0
     hf_baselines: bool = True
     # Alternative drafters to sweep beside each other (e.g. Medusa tree shapes): label -> drafter.
@@ -80,7 +81,10 @@ def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[li
     methods: dict[str, Callable] = {}
 
     def engine_method(d, k: int):
-        decoder = SpeculativeDecoder(verifier, d, num_draft_tokens=k, adaptive=cfg.adaptive)
+        decoder = SpeculativeDecoder(
+            verifier, d, num_draft_tokens=k, adaptive=cfg.adaptive,
+            typical_acceptance={} if cfg.typical_acceptance and d is not None else None,
+        )
 
         def run(ids, seed):
             out = decoder.generate(ids, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling, seed=seed)
@@ -209,6 +213,7 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
         "top_p": cfg.sampling.top_p,
         "num_draft_tokens": list(cfg.num_draft_tokens),
         "adaptive": cfg.adaptive,
+        "typical_acceptance_LOSSY": cfg.typical_acceptance,
         "methods": methods,
     }
 

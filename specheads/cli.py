@@ -31,6 +31,7 @@ def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> No
     else:
         g.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
     g.add_argument("--adaptive", action="store_true", help="choose the draft length each step from measured acceptance and cost (0 = plain decoding when drafts are poor)")
+    g.add_argument("--typical-acceptance", action="store_true", help="LOSSY, sampling only: Medusa's typical acceptance instead of exact speculative sampling (off by default)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, exactly the verifier's greedy output (default: %(default)s)")
     g.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
@@ -80,7 +81,10 @@ def cmd_generate(args) -> int:
     verifier, drafter = _setup(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     ids = verifier.encode(prompt, chat_template=None if args.chat_template == "auto" else args.chat_template == "on")
-    decoder = SpeculativeDecoder(verifier, drafter, num_draft_tokens=args.num_draft_tokens, adaptive=args.adaptive)
+    decoder = SpeculativeDecoder(
+        verifier, drafter, num_draft_tokens=args.num_draft_tokens, adaptive=args.adaptive,
+        typical_acceptance={} if args.typical_acceptance else None,
+    )
     out = decoder.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_strings=args.stop or (), seed=args.seed)
     print(out.text)
     s = out.stats
@@ -112,6 +116,7 @@ def run_bench(args) -> dict:
         sampling=_sampling(args),
         num_draft_tokens=_parse_draft_lengths(args.num_draft_tokens),
         adaptive=args.adaptive,
+        typical_acceptance=args.typical_acceptance,
         seed=args.seed,
         hf_baselines=not args.no_hf,
     )

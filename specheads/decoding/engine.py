@@ -30,7 +30,7 @@ from .kv_cache import cache_kwargs, keep_positions, new_cache, truncate_cache
 from .metrics import DecodingStats
 from .sampling import SamplingParams
 from .tree import clip_tree_depth, tree_attention_mask, tree_max_depth, tree_position_ids
-from .verify import greedy_verify, greedy_verify_tree, speculative_sampling, tree_speculative_sampling
+from .verify import greedy_verify, greedy_verify_tree, speculative_sampling, tree_speculative_sampling, typical_acceptance
 
 
 @dataclass
@@ -50,7 +50,18 @@ class SpeculativeDecoder:
     loop, which is the fair baseline for speedups.
     """
 
-    def __init__(self, verifier, drafter=None, *, num_draft_tokens: int = 4, adaptive: bool = False):
+    def __init__(
+        self,
+        verifier,
+        drafter=None,
+        *,
+        num_draft_tokens: int = 4,
+        adaptive: bool = False,
+        typical_acceptance: dict | None = None,
+    ):
+        """``typical_acceptance``: None (default, lossless) or Medusa's LOSSY typical acceptance
+        for sampled decoding, e.g. ``{"posterior_threshold": 0.09, "posterior_alpha": 0.3}``."""
+        self.typical = typical_acceptance
         self.verifier = verifier
         self.model = verifier.model
         self.drafter = drafter
@@ -171,6 +182,9 @@ class SpeculativeDecoder:
         logits = out.logits[0]
         if sampling.greedy:
             n_acc, nxt = greedy_verify(logits, cands.tokens.to(device))
+        elif self.typical is not None:
+            path, nxt = typical_acceptance(sampling.probs(logits), cands, generator, **self.typical)
+            n_acc = len(path)
         else:
             n_acc, nxt = speculative_sampling(
                 sampling.probs(logits),
@@ -205,6 +219,8 @@ class SpeculativeDecoder:
         logits = out.logits[0]
         if sampling.greedy:
             path, nxt = greedy_verify_tree(logits, cands)
+        elif self.typical is not None:
+            path, nxt = typical_acceptance(sampling.probs(logits), cands, generator, **self.typical)
         else:
             path, nxt = tree_speculative_sampling(sampling.probs(logits), cands, generator)
         # Keep the past, the root (row 0) and the accepted nodes (rows node + 1), consecutively.

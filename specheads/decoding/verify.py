@@ -192,3 +192,40 @@ def tree_speculative_sampling(
             return path, int(torch.multinomial(p, 1, generator=generator))
         path.append(accepted)
         row = accepted + 1
+
+
+def typical_acceptance(
+    target_probs: torch.Tensor,
+    candidates,
+    generator: torch.Generator | None = None,
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+) -> tuple[list[int], int]:
+    """LOSSY: Medusa's typical acceptance (Cai et al. 2024), an opt-in that trades exactness for τ.
+
+    A candidate token x at a node is acceptable when p(x) > min(threshold, alpha * exp(-H(p))),
+    with p the verifier's (warped) distribution at that node. From the root, the walk follows the
+    acceptable child with the highest p(x); the next token is sampled from p at the last node.
+    The output does NOT follow the verifier's distribution exactly; never the default.
+    """
+    probs = target_probs.float()
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    floor = torch.minimum(torch.full_like(entropy, posterior_threshold), posterior_alpha * torch.exp(-entropy))
+    children = tree_children(candidates.parents)
+    tokens = candidates.tokens.tolist()
+    p_rows = probs.cpu()
+    floor = floor.tolist()
+    path: list[int] = []
+    row = 0
+    while True:
+        best, best_p = None, -1.0
+        for c in children[row]:
+            p = float(p_rows[row, tokens[c]])
+            if p > floor[row] and p > best_p:
+                best, best_p = c, p
+        if best is None:
+            break
+        path.append(best)
+        row = best + 1
+    next_token = int(torch.multinomial(target_probs[row], 1, generator=generator))
+    return path, next_token
