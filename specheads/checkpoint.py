@@ -66,6 +66,9 @@ def save_drafter(
         "verifier": verifier_info,
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    empty = [k for k, v in tensors.items() if v.numel() == 0]
+    if empty:  # e.g. parameters still partitioned by ZeRO-3: never write a checkpoint that cannot load
+        raise SpecHeadsError(f"refusing to save drafter {path}: tensors {empty[:3]} are empty (sharded and not gathered?)")
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "specheads_kind": kind})

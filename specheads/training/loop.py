@@ -11,6 +11,7 @@ sees exactly what an uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -95,7 +96,8 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
     main = accelerator.is_main_process
 
     if verifier is None:
-        verifier = load_verifier(recipe.verifier.name, dtype=recipe.verifier.dtype, device=accelerator.device, trust_remote_code=recipe.verifier.trust_remote_code)
+        with _loaded_whole():
+            verifier = load_verifier(recipe.verifier.name, dtype=recipe.verifier.dtype, device=accelerator.device, trust_remote_code=recipe.verifier.trust_remote_code)
     if datasets is None:
         from .pipeline import prepare_datasets
 
@@ -206,11 +208,12 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
     elapsed = time.perf_counter() - started
     final = os.path.join(t.output_dir, "drafter")
     accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(module)  # collective: gathers ZeRO-3 / FSDP shards on the main process
     if main:
         info = {"steps": step, "train_seconds": elapsed, "history": history[-20:], "recipe": asdict(recipe)}
         if t.lora is not None:
             _save_tuned_verifier(accelerator, objective, module, verifier, os.path.join(t.output_dir, "verifier"))
-        objective.save(accelerator.unwrap_model(module), final, training={"steps": step, "train_seconds": elapsed})
+        objective.save(state, final, training={"steps": step, "train_seconds": elapsed})
         with open(os.path.join(t.output_dir, "training_summary.json"), "w") as f:
             json.dump(info, f, indent=2)
         accelerator.print(f"[specheads] drafter checkpoint: {final}")
@@ -243,8 +246,9 @@ def save_checkpoint(accelerator, objective, module, output_dir: str, step: int, 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    state = accelerator.get_state_dict(module)  # collective, see train()
     if accelerator.is_main_process:
-        objective.save(accelerator.unwrap_model(module), os.path.join(tmp, "drafter"))
+        objective.save(state, os.path.join(tmp, "drafter"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": step, "history": history[-20:]}, f)
         shutil.rmtree(final, ignore_errors=True)
@@ -266,6 +270,24 @@ def _save_tuned_verifier(accelerator, objective, module, verifier, path: str) ->
 
     atomic_directory(path, write)
     accelerator.print(f"[specheads] adapted verifier (Medusa-2, LoRA merged): {path}")
+
+
+@contextlib.contextmanager
+def _loaded_whole():
+    """Load the frozen verifier whole, not partitioned by ZeRO-3: it is not trained, and the
+    drafter reads its LM head. transformers partitions any model loaded while a ZeRO-3 config is
+    registered, so the registration is lifted for the load."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:
+        yield
+        return
+    saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def _open_hidden_cache(accelerator, train_ds, verifier, t):

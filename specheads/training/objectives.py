@@ -188,8 +188,11 @@ class MedusaObjective:
         out["eval/tau_top1_chain"] = 1.0 + float(counts["run_sum"]) / max(1, int(counts["positions"]))
         return out
 
-    def save(self, module, path, verifier=None, training: dict | None = None):
-        heads = _unwrap(module).heads
+    def save(self, state_dict: dict, path, verifier=None, training: dict | None = None):
+        """Write the drafter checkpoint from the training module's full state dict."""
+        heads_state = {k[len("heads."):]: v for k, v in state_dict.items() if k.startswith("heads.")}
+        heads = MedusaHeads(self.medusa_cfg, token_map=heads_state.get("token_map"))
+        heads.load_state_dict(heads_state, strict=True)
         return save_medusa(path, heads, verifier or self.verifier, training=training)
 
 
