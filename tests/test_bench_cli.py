@@ -1,30 +1,14 @@
 """The benchmark and the command line, end to end on tiny models saved to disk."""
 
 import json
-import string
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from specheads.cli import main
 
-SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
-CHARS = list(" " + string.ascii_lowercase + string.digits + ".,?!")
-
-
-def char_tokenizer():
-    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-        unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>",
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>{% endif %}"
-    )
-    return tok
+from tiny_text import CHARS, SPECIAL, char_tokenizer
 
 
 def save_tiny(path, seed, vocab_size=len(SPECIAL) + len(CHARS)):

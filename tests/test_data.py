@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import string
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from specheads.errors import SpecHeadsError
 from specheads.training.data import (
@@ -29,8 +27,7 @@ from specheads.training.data import (
 from specheads.training.prompt_source import default_training_prompts, training_prompt_pool
 from specheads.verifier import Verifier
 
-SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
-CHARS = list(" " + string.ascii_lowercase + string.digits + ".,?!")
+from tiny_text import CHARS, SPECIAL, char_tokenizer
 EOS = 2
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench" / "question.jsonl"
 
@@ -42,19 +39,6 @@ PROMPTS = [
     "explain why the sky is blue, in two short sentences please.",
     "list three fruits.",
 ]
-
-
-def char_tokenizer():
-    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-        unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>",
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>{% endif %}"
-    )
-    return tok
 
 
 def tiny_verifier(seed: int, name: str | None = None) -> Verifier:
