@@ -10,8 +10,6 @@ import argparse
 import copy
 import re
 
-import torch
-
 from .checkpoint import atomic_directory
 from .errors import SpecHeadsError
 

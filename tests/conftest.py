@@ -136,3 +136,17 @@ def smollm2():
     from specheads.verifier import load_verifier
 
     return load_verifier("smollm2-135m")
+
+
+# Repetitive prompts, so the n-gram drafter finds matches to draft from.
+REPETITIVE_PROMPTS = (
+    (5, 9, 13, 5, 9, 13, 5, 9),
+    (20, 21, 22, 23, 20, 21, 22, 23, 20, 21),
+    (7, 30, 7, 31, 7, 30, 7, 31, 7, 30, 7),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def greedy_reference(arch: str, prompt: tuple[int, ...], max_new_tokens: int, eos: int) -> tuple[int, ...]:
+    """Hugging Face greedy output of the cached tiny verifier (cached across tests)."""
+    return tuple(hf_greedy(cached_verifier(arch).model, list(prompt), max_new_tokens, eos))

@@ -9,27 +9,17 @@ continuation, where drafts run past the eos and the engine must cut there.
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 
-from conftest import EOS, VOCAB, cached_verifier, hf_greedy, noisy_model
+from conftest import EOS, REPETITIVE_PROMPTS, VOCAB, cached_verifier, greedy_reference, hf_greedy, noisy_model
 from specheads.decoding import SpeculativeDecoder
 from specheads.drafters import DraftModelDrafter, NgramDrafter
 
 N_NEW = 40
-# Repetitive prompts, so the n-gram drafter finds matches to draft from.
-PROMPTS = (
-    (5, 9, 13, 5, 9, 13, 5, 9),
-    (20, 21, 22, 23, 20, 21, 22, 23, 20, 21),
-    (7, 30, 7, 31, 7, 30, 7, 31, 7, 30, 7),
-)
-
-
-@functools.lru_cache(maxsize=None)
-def reference(arch: str, prompt: tuple[int, ...], max_new_tokens: int, eos: int) -> tuple[int, ...]:
-    return tuple(hf_greedy(cached_verifier(arch).model, list(prompt), max_new_tokens, eos))
+PROMPTS = REPETITIVE_PROMPTS
+reference = greedy_reference
 
 
 def make_drafter(kind: str | None, arch: str):

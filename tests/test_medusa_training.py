@@ -222,8 +222,9 @@ def test_two_processes_match_one(tmp_path):
         proc = subprocess.run(cmd + [str(script)], env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         summary = json.loads((out / "training_summary.json").read_text())
-        results[procs] = ([h["loss"] for h in summary["history"] if "loss" in h], load_drafter_state(out / "drafter")[1])
-    (loss1, w1), (loss2, w2) = results[1], results[2]
+        assert (out / "drafter" / "model.safetensors").is_file()
+        results[procs] = [h["loss"] for h in summary["history"] if "loss" in h]
+    loss1, loss2 = results[1], results[2]
     assert len(loss1) == len(loss2) > 5
     # Step 1 sees identical weights and the same global batch split over two processes: the
     # global-token-mean loss must agree to float rounding.

@@ -22,7 +22,7 @@ import random
 import pytest
 import torch
 
-from conftest import EOS, VOCAB, cached_verifier, hf_greedy, make_model, make_verifier, noisy_model
+from conftest import EOS, REPETITIVE_PROMPTS, VOCAB, cached_verifier, greedy_reference, make_model, make_verifier, noisy_model
 from specheads.decoding import SpeculativeDecoder
 from specheads.decoding.candidates import Candidates, DraftContext
 from specheads.decoding.engine import _clip
@@ -140,16 +140,8 @@ def test_tree_forward_matches_causal_paths(arch, impl):
 # (b) greedy tree decoding is lossless
 
 N_NEW = 40
-PROMPTS = (
-    (5, 9, 13, 5, 9, 13, 5, 9),
-    (20, 21, 22, 23, 20, 21, 22, 23, 20, 21),
-    (7, 30, 7, 31, 7, 30, 7, 31, 7, 30, 7),
-)
-
-
-@functools.lru_cache(maxsize=None)
-def reference(arch: str, prompt: tuple[int, ...], max_new_tokens: int, eos: int) -> tuple[int, ...]:
-    return tuple(hf_greedy(cached_verifier(arch).model, list(prompt), max_new_tokens, eos))
+PROMPTS = REPETITIVE_PROMPTS
+reference = greedy_reference
 
 
 @torch.no_grad()
