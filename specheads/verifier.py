@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -177,22 +175,19 @@ def converted_alias_dir(alias: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = alias
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-    try:
+    from safetensors.torch import save_model
+
+    from .checkpoint import atomic_directory
+
+    def write(tmp: Path) -> None:
         # save_pretrained refuses models loaded through the GGUF quantizer, although the weights
         # are plain tensors by now: write config and weights directly.
-        from safetensors.torch import save_model
-
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a crash never leaves a half-converted cache
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_directory(target, write)  # a crash never leaves a half-converted cache
     return target
 
 
