@@ -128,3 +128,20 @@ def test_bench_sweeps_medusa_trees(tiny_dirs, tmp_path):
     assert report["drafter"] == "medusa"
     for m in report["methods"].values():
         assert m["identical_to_verifier"] is True
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram"])
+def test_stop_string_ends_generation_at_the_completing_token(tiny_dirs, drafter):
+    from specheads.decoding.engine import SpeculativeDecoder
+    from specheads.drafters import build_drafter
+    from specheads.verifier import load_verifier
+
+    v = load_verifier(tiny_dirs["verifier"], device="cpu")
+    decoder = SpeculativeDecoder(v, build_drafter(drafter, v), num_draft_tokens=3)
+    ids = v.encode("what is a hash table?")
+    full = decoder.generate(ids, max_new_tokens=30, eos_token_ids=[]).token_ids
+    stop = v.tokenizer.decode(full[12:14])
+    expected = next(j for j in range(1, len(full) + 1) if stop in v.tokenizer.decode(full[:j]))
+    out = decoder.generate(ids, max_new_tokens=30, eos_token_ids=[], stop_strings=[stop])
+    assert out.token_ids == full[:expected]
+    assert out.finish_reason == "stop_string"

@@ -135,7 +135,9 @@ class SpeculativeDecoder:
         tokens = prompt_ids + [first]
         new = [first]
         stats.prefill_s = time.perf_counter() - start
-        finish = self._finish_reason(new, 1, eos, max_new_tokens, stop_strings)
+        _, finish = self._cut_at_stop([first], [], eos, stop_strings)
+        if finish is None and len(new) >= max_new_tokens:
+            finish = "length"
         if drafter is not None:
             drafter.start(prompt_ids)
 
@@ -154,7 +156,7 @@ class SpeculativeDecoder:
             t2 = time.perf_counter()
             if wants_hidden:
                 hidden = step_hidden
-            kept = self._cut_at_stop(emitted, new, eos, stop_strings)
+            kept, finish = self._cut_at_stop(emitted, new, eos, stop_strings)
             tokens.extend(kept)
             new.extend(kept)
             stats.observe_step(drafted, n_acc, len(kept))
@@ -163,7 +165,8 @@ class SpeculativeDecoder:
             controller.update(k, drafted, n_acc, t2 - t1, t1 - t0)
             if drafter is not None:
                 drafter.observe(n_acc, kept)
-            finish = self._finish_reason(new, len(kept), eos, max_new_tokens, stop_strings)
+            if finish is None and len(new) >= max_new_tokens:
+                finish = "length"
 
         stats.new_tokens = len(new)
         stats.total_s = time.perf_counter() - start
@@ -240,14 +243,15 @@ class SpeculativeDecoder:
             return int(logits.argmax())
         return int(torch.multinomial(sampling.probs(logits[None])[0], 1, generator=generator))
 
-    def _cut_at_stop(self, emitted: list[int], new: list[int], eos: set, stop_strings) -> list[int]:
-        """The emitted tokens up to and including the first eos token or completed stop string."""
+    def _cut_at_stop(self, emitted: list[int], new: list[int], eos: set, stop_strings) -> tuple[list[int], str | None]:
+        """The emitted tokens up to and including the first eos token or completed stop string,
+        and which of the two ended generation (None when neither did)."""
         for i, t in enumerate(emitted):
             if t in eos:
-                return emitted[: i + 1]
+                return emitted[: i + 1], "eos"
             if stop_strings and self._ends_with_stop(new + emitted[: i + 1], stop_strings):
-                return emitted[: i + 1]
-        return emitted
+                return emitted[: i + 1], "stop_string"
+        return emitted, None
 
     def _ends_with_stop(self, new: list[int], stop_strings) -> bool:
         # The last token completes a stop string when it appears in the tail's text but did
@@ -256,14 +260,6 @@ class SpeculativeDecoder:
         tail_before = self.verifier.tokenizer.decode(new[-32:-1])
         return any(s in tail_now and s not in tail_before for s in stop_strings)
 
-    def _finish_reason(self, new: list[int], n_last: int, eos: set, max_new_tokens: int, stop_strings) -> str | None:
-        if new[-1] in eos:
-            return "eos"
-        if stop_strings and self._ends_with_stop(new, stop_strings):
-            return "stop_string"
-        if len(new) >= max_new_tokens:
-            return "length"
-        return None
 
 
 def _clip(cands: Candidates, k: int) -> Candidates:
