@@ -1,5 +1,12 @@
-"""Draft models cut from the verifier: its embeddings, final norm and LM head plus a subset of its
-decoder layers, so the student starts close to the verifier and shares its vocabulary exactly.
+"""Draft models (students) for a verifier, sharing its vocabulary exactly. Three starts:
+
+* cut from the verifier: its embeddings, final norm and LM head plus a subset of its decoder
+  layers, so the student starts close to the verifier (``cut_layers``);
+* any causal LM directory whose vocabulary is the verifier's (``load_student_model``);
+* a fresh random model of the verifier's architecture family with a smaller shape, the
+  verifier's embeddings copied in when the hidden sizes match (``student_from_config``).
+
+``build_student`` picks one from a recipe's ``drafter.student`` section.
 
     python -m specheads.student smollm2-135m runs/students/smollm2-every6 --layers every:6
 """
@@ -8,14 +15,32 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import re
+
+import torch
 
 from .checkpoint import atomic_directory
 from .errors import SpecHeadsError
 
+_LAYER_SPEC = re.compile(r"every:(\d+)|first:(\d+)|\d+(\s*,\s*\d+)*")
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """'every:M' (layers 0, M, 2M, ...), 'first:L', or explicit '0,3,7'."""
+
+def layer_spec_ok(spec) -> bool:
+    """Whether ``spec`` is well formed (every:M / first:L with M, L >= 1, or indices), before
+    the verifier's depth is known."""
+    if isinstance(spec, (list, tuple)):
+        return bool(spec) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec)
+    if not isinstance(spec, str) or not (m := _LAYER_SPEC.fullmatch(spec.strip())):
+        return False
+    return not (m.group(1) or m.group(2)) or int(m.group(1) or m.group(2)) >= 1
+
+
+def parse_layers(spec, num_layers: int) -> list[int]:
+    """'every:M' (layers 0, M, 2M, ...), 'first:L', explicit '0,3,7', or a list of indices."""
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(str(i) for i in spec)
     if m := re.fullmatch(r"every:(\d+)", spec):
         step = int(m.group(1))
         if step < 1:
@@ -53,6 +78,102 @@ def cut_layers(model, layers: list[int]):
             state[f"model.layers.{layers.index(int(m.group(1)))}.{m.group(2)}"] = value
     student.load_state_dict(state, strict=True)
     return student.to(next(model.parameters()).dtype).eval()
+
+
+def _vocab_error(what: str, size: int, verifier) -> SpecHeadsError:
+    return SpecHeadsError(
+        f"{what} has vocabulary size {size} but the verifier '{verifier.name}' has {verifier.vocab_size}: "
+        "a draft model must share the verifier's tokenizer and vocabulary"
+    )
+
+
+def _config_vocab_size(path: str) -> int | None:
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    text = config.get("text_config") or config
+    return text.get("vocab_size")
+
+
+def load_student_model(path: str, verifier, *, trust_remote_code: bool = False):
+    """A causal LM directory as a student, refused unless its vocabulary is the verifier's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SpecHeadsError(f"student model {path} is not a model directory (no config.json)")
+    declared = _config_vocab_size(path)
+    if declared is not None and declared != verifier.vocab_size:  # refuse before loading any weights
+        raise _vocab_error(f"student model {path}", declared, verifier)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+    actual = model.get_output_embeddings().weight.shape[0]
+    if actual != verifier.vocab_size:
+        raise _vocab_error(f"student model {path}", actual, verifier)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # no tokenizer beside the weights: the vocabulary size is all we can check
+    if tokenizer is not None and verifier.tokenizer is not None and tokenizer.get_vocab() != verifier.tokenizer.get_vocab():
+        raise SpecHeadsError(f"student model {path} has {actual} tokens like the verifier '{verifier.name}', but a different tokenizer (token -> id maps differ)")
+    return model.eval()
+
+
+def student_from_config(model, *, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int | None = None,
+                        copy_embeddings: bool = True, seed: int = 0):
+    """A fresh, randomly initialised model of ``model``'s class and vocabulary with a smaller shape."""
+    config = copy.deepcopy(model.config)
+    old_hidden, old_heads = config.hidden_size, config.num_attention_heads
+    config.hidden_size, config.num_hidden_layers, config.num_attention_heads = hidden_size, num_layers, num_heads
+    if getattr(config, "head_dim", None) is not None:
+        config.head_dim = hidden_size // num_heads
+    kv = getattr(config, "num_key_value_heads", None)
+    if kv:  # keep the verifier's grouped-query ratio where it divides
+        group = max(1, old_heads // kv)
+        config.num_key_value_heads = num_heads // group if num_heads % group == 0 else num_heads
+    if getattr(config, "intermediate_size", None) is not None:
+        config.intermediate_size = intermediate_size or max(1, round(config.intermediate_size * hidden_size / old_hidden))
+    elif hasattr(config, "n_inner"):  # GPT-2 family: None means 4 x hidden
+        config.n_inner = intermediate_size
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(num_layers)]
+    with torch.random.fork_rng():  # a seeded init that leaves the caller's random state alone
+        torch.manual_seed(seed)
+        student = type(model)(config)
+    if copy_embeddings and hidden_size == old_hidden:
+        with torch.no_grad():
+            student.get_input_embeddings().weight.copy_(model.get_input_embeddings().weight)
+            out, src = student.get_output_embeddings(), model.get_output_embeddings()
+            if out is not None and out.weight is not student.get_input_embeddings().weight:
+                out.weight.copy_(src.weight)
+    return student.to(next(model.parameters()).dtype).eval()
+
+
+def check_student(section, verifier) -> None:
+    """The checks that need the verifier but no student weights: run before data and training."""
+    if section.source == "verifier_layers":
+        try:
+            parse_layers(section.layers, verifier.config.num_hidden_layers)
+        except SpecHeadsError as exc:
+            raise SpecHeadsError(f"recipe value drafter.student.layers={section.layers!r}: {exc}") from None
+    elif section.source == "model":
+        declared = _config_vocab_size(section.path)
+        if declared is not None and declared != verifier.vocab_size:
+            raise _vocab_error(f"student model {section.path} (drafter.student.path)", declared, verifier)
+
+
+def build_student(section, verifier, *, seed: int = 0, trust_remote_code: bool = False):
+    """The student a recipe's ``drafter.student`` section asks for, in float32 (trained weights)."""
+    check_student(section, verifier)
+    if section.source == "verifier_layers":
+        student = cut_layers(verifier.model, parse_layers(section.layers, verifier.config.num_hidden_layers))
+    elif section.source == "model":
+        student = load_student_model(section.path, verifier, trust_remote_code=trust_remote_code)
+    elif section.source == "config":
+        student = student_from_config(
+            verifier.model, hidden_size=section.hidden_size, num_layers=section.num_layers, num_heads=section.num_heads,
+            intermediate_size=section.intermediate_size, copy_embeddings=section.copy_embeddings, seed=seed,
+        )
+    else:
+        raise SpecHeadsError(f"recipe value drafter.student.source={section.source!r} is not verifier_layers, model or config")
+    return student.to(torch.float32)
 
 
 def main(argv=None) -> int:
