@@ -8,6 +8,7 @@ value is checked here, so a bad value fails before any model is loaded, naming k
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +25,40 @@ class VerifierSection:
     trust_remote_code: bool = False
 
 
+STUDENT_SOURCES = ("verifier_layers", "model", "config")
+
+
+@dataclass
+class StudentSection:
+    """Where a draft model (``drafter.kind: draft_model``) starts from.
+
+    verifier_layers: a subset of the verifier's decoder layers (``layers``: every:M, first:L, a
+    comma list or a YAML list), with its embeddings, final norm and LM head;
+    model: a causal LM directory (``path``) with the verifier's vocabulary;
+    config: a fresh random model of the verifier's architecture family and vocabulary with
+    ``hidden_size``, ``num_layers``, ``num_heads`` (and optionally ``intermediate_size``); the
+    verifier's embeddings are copied in when the hidden sizes match.
+    """
+
+    source: str = "verifier_layers"
+    layers: Any = "every:6"
+    path: str | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    intermediate_size: int | None = None
+    copy_embeddings: bool = True
+    freeze_embeddings: bool = False  # keep the (verifier's) embeddings and LM head fixed: cheaper steps
+
+
 @dataclass
 class DrafterSection:
-    kind: str = "medusa"
+    kind: str = "medusa"  # medusa: heads on the verifier | draft_model: a small standalone LM (DistillSpec)
     num_heads: int = 4
     num_layers: int = 1
     shared_lm_head: bool = False
     draft_vocab_size: int | None = None
+    student: StudentSection | None = None  # draft_model only; defaults to StudentSection()
 
 
 @dataclass
@@ -51,10 +79,25 @@ class DataSection:
     eval_fraction: float = 0.05
 
 
+DRAFTER_KINDS = ("medusa", "draft_model")
+MEDUSA_LOSSES = ("ce", "kl")  # the first is the default
+DISTILL_LOSSES = ("fkl", "rkl", "jsd", "tvd")
+
+
 @dataclass
 class ObjectiveSection:
-    loss: str = "ce"  # ce: hard labels | kl: soft labels, KL to the verifier's own distribution
-    head_decay: float = 0.8  # head k's loss weight is head_decay ** k
+    # medusa: ce (hard labels) | kl (soft labels, KL to the verifier's own distribution).
+    # draft_model: fkl | rkl | jsd | tvd, divergences from the verifier's full next-token
+    # distribution (specheads/training/losses.py). Unset: ce for medusa, fkl for draft_model.
+    loss: str | None = None
+    head_decay: float = 0.8  # medusa: head k's loss weight is head_decay ** k
+    # draft_model only:
+    temperature: float = 1.0  # applied to both distributions before the divergence
+    jsd_beta: float = 0.5  # jsd: weight of the verifier in the mixture; 0 = fkl, 1 = rkl
+    ce_weight: float = 0.0  # + ce_weight * CE on the data's answer tokens
+    on_policy_fraction: float = 0.0  # share of training examples whose answer the student writes itself
+    on_policy_max_new_tokens: int = 128
+    on_policy_temperature: float = 1.0  # 0 = greedy
 
 
 @dataclass
@@ -96,6 +139,16 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         t, d, o, dr = self.training, self.data, self.objective, self.drafter
+        if dr.kind not in DRAFTER_KINDS:
+            raise SpecHeadsError(f"recipe value drafter.kind={dr.kind!r} is not a drafter kind (choose {', '.join(DRAFTER_KINDS)})")
+        distill = dr.kind == "draft_model"
+        losses = DISTILL_LOSSES if distill else MEDUSA_LOSSES
+        if o.loss is None:
+            o.loss = losses[0]
+        if o.loss not in losses:
+            raise SpecHeadsError(f"recipe value objective.loss={o.loss!r} is not a loss for drafter.kind={dr.kind} (choose {', '.join(losses)})")
+        if distill and dr.student is None:
+            dr.student = StudentSection()
         checks = [
             ("training.batch_size", t.batch_size, t.batch_size >= 1),
             ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps >= 1),
@@ -107,9 +160,13 @@ class Recipe:
             ("training.log_every", t.log_every, t.log_every >= 1),
             ("data.max_length", d.max_length, d.max_length >= 8),
             ("data.eval_fraction", d.eval_fraction, 0 < d.eval_fraction < 1),
-            ("objective.loss", o.loss, o.loss in ("ce", "kl")),
             ("objective.head_decay", o.head_decay, 0 < o.head_decay <= 1),
-            ("drafter.kind", dr.kind, dr.kind == "medusa"),
+            ("objective.temperature", o.temperature, o.temperature > 0),
+            ("objective.jsd_beta", o.jsd_beta, 0 <= o.jsd_beta <= 1),
+            ("objective.ce_weight", o.ce_weight, o.ce_weight >= 0),
+            ("objective.on_policy_fraction", o.on_policy_fraction, 0 <= o.on_policy_fraction <= 1),
+            ("objective.on_policy_max_new_tokens", o.on_policy_max_new_tokens, o.on_policy_max_new_tokens >= 1),
+            ("objective.on_policy_temperature", o.on_policy_temperature, o.on_policy_temperature >= 0),
             ("drafter.num_heads", dr.num_heads, 1 <= dr.num_heads <= 16),
             ("drafter.num_layers", dr.num_layers, dr.num_layers >= 0),
             ("verifier.dtype", self.verifier.dtype, self.verifier.dtype in ("float32", "bfloat16", "float16")),
@@ -128,12 +185,57 @@ class Recipe:
                 ("training.lora.heads_warmup_steps", t.lora.heads_warmup_steps, t.lora.heads_warmup_steps >= 0),
                 ("training.lora.lm_loss_weight", t.lora.lm_loss_weight, t.lora.lm_loss_weight >= 0),
             ]
+        if distill:
+            checks += _student_checks(dr.student)
         for key, value, ok in checks:
             if not ok:
                 raise SpecHeadsError(f"recipe value {key}={value!r} is out of range")
+        self._check_kind_specific()
         if d.self_distill is None and not d.conversations:
             raise SpecHeadsError("recipe needs data.self_distill or data.conversations")
         return self
+
+    def _check_kind_specific(self) -> None:
+        """Settings that belong to the other drafter kind are refused, not silently ignored."""
+        t, o, dr = self.training, self.objective, self.drafter
+        if dr.kind == "draft_model":
+            used = [("drafter.draft_vocab_size", dr.draft_vocab_size, dr.draft_vocab_size is not None),
+                    ("training.lora", t.lora, t.lora is not None)]
+            for key, value, bad in used:
+                if bad:
+                    raise SpecHeadsError(f"recipe value {key}={value!r} is for drafter.kind=medusa, not draft_model")
+        else:
+            defaults = ObjectiveSection()
+            distill_only = ("temperature", "jsd_beta", "ce_weight", "on_policy_fraction", "on_policy_max_new_tokens", "on_policy_temperature")
+            for key in distill_only:
+                if getattr(o, key) != getattr(defaults, key):
+                    raise SpecHeadsError(f"recipe value objective.{key}={getattr(o, key)!r} is for drafter.kind=draft_model, not {dr.kind}")
+            if dr.student is not None:
+                raise SpecHeadsError(f"recipe value drafter.student is for drafter.kind=draft_model, not {dr.kind}")
+
+
+def _student_checks(st: "StudentSection") -> list[tuple[str, Any, bool]]:
+    """What can be checked without the verifier; layer indices against its depth are checked
+    by ``specheads.student.check_student`` as soon as the verifier is loaded."""
+    from ..student import layer_spec_ok
+
+    if st.source not in STUDENT_SOURCES:
+        raise SpecHeadsError(f"recipe value drafter.student.source={st.source!r} is not a student source (choose {', '.join(STUDENT_SOURCES)})")
+    checks: list[tuple[str, Any, bool]] = []
+    if st.source == "verifier_layers":
+        if not layer_spec_ok(st.layers):
+            raise SpecHeadsError(f"recipe value drafter.student.layers={st.layers!r} is not every:M, first:L (M, L >= 1) or a list of layer indices")
+    elif st.source == "model":
+        if not st.path or not os.path.isfile(os.path.join(st.path, "config.json")):
+            raise SpecHeadsError(f"recipe value drafter.student.path={st.path!r} is not a model directory (no config.json)")
+    elif st.source == "config":
+        for key in ("hidden_size", "num_layers", "num_heads"):
+            value = getattr(st, key)
+            checks.append((f"drafter.student.{key}", value, isinstance(value, int) and value >= 1))
+        checks.append(("drafter.student.intermediate_size", st.intermediate_size, st.intermediate_size is None or st.intermediate_size >= 1))
+        if all(ok for _, _, ok in checks) and st.hidden_size % st.num_heads:
+            raise SpecHeadsError(f"recipe value drafter.student.hidden_size={st.hidden_size} is not a multiple of drafter.student.num_heads={st.num_heads}")
+    return checks
 
 
 def _build(cls, values: dict | None, where: str):
@@ -177,6 +279,7 @@ _SECTIONS: dict[tuple[type, str], type] = {
     (Recipe, "objective"): ObjectiveSection,
     (Recipe, "training"): TrainingSection,
     (DataSection, "self_distill"): SelfDistillSection,
+    (DrafterSection, "student"): StudentSection,
     (TrainingSection, "lora"): LoraSection,
 }
 
