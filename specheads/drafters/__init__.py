@@ -47,6 +47,16 @@ from .medusa import load_medusa_drafter  # noqa: E402  (needs register_checkpoin
 register_checkpoint_kind("medusa")(load_medusa_drafter)
 
 
+@register_checkpoint_kind("draft_model")
+def load_trained_draft_model(path: str, verifier, **options) -> DraftModelDrafter:
+    """A distilled draft model (a model directory with a specheads block): refused for a verifier
+    other than the one it was trained for, then loaded like any draft model."""
+    from ..checkpoint import check_verifier, read_config
+
+    check_verifier(read_config(path)["specheads"].get("verifier", {}), verifier, path)
+    return load_draft_model(path, verifier, **options)
+
+
 def build_drafter(spec: str | None, verifier, **options) -> Drafter | None:
     if spec in (None, "none", "plain"):
         return None

@@ -86,7 +86,7 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
     from transformers import get_cosine_schedule_with_warmup
 
     from ..verifier import load_verifier
-    from .objectives import MedusaObjective
+    from .objectives import check_recipe_for_verifier, make_objective
 
     t = recipe.training
     os.makedirs(t.output_dir, exist_ok=True)
@@ -98,6 +98,7 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
     if verifier is None:
         with _loaded_whole():
             verifier = load_verifier(recipe.verifier.name, dtype=recipe.verifier.dtype, device=accelerator.device, trust_remote_code=recipe.verifier.trust_remote_code)
+    check_recipe_for_verifier(recipe, verifier)
     if datasets is None:
         from .pipeline import prepare_datasets
 
@@ -106,10 +107,7 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
     if len(train_ds) == 0:
         raise SpecHeadsError("the training dataset is empty")
 
-    token_map = None
-    if recipe.drafter.draft_vocab_size:
-        token_map = build_token_map(train_ds, verifier.vocab_size, recipe.drafter.draft_vocab_size)
-    objective = MedusaObjective(verifier, recipe.drafter, recipe.objective, t.lora, token_map=token_map)
+    objective = make_objective(recipe, verifier, train_ds)
     if t.cache_hidden_states:
         objective.hidden_cache = _open_hidden_cache(accelerator, train_ds, verifier, t)
     module = objective.module.to(accelerator.device)

@@ -2,7 +2,8 @@
 
 The training loop knows nothing of Medusa: it asks an objective for ``module`` (what the
 optimizer trains and accelerate wraps), ``loss(module, batch)`` and ``eval_counts(module, batch)``,
-and ``save(module, path)`` for the drafter checkpoint.
+and ``save(module, path)`` for the drafter checkpoint. ``make_objective`` picks the objective for
+the recipe's drafter kind: ``MedusaObjective`` here, ``distill.DistillObjective`` for draft models.
 """
 
 from __future__ import annotations
@@ -194,6 +195,29 @@ class MedusaObjective:
         heads = MedusaHeads(self.medusa_cfg, token_map=heads_state.get("token_map"))
         heads.load_state_dict(heads_state, strict=True)
         return save_medusa(path, heads, verifier or self.verifier, training=training)
+
+
+def check_recipe_for_verifier(recipe, verifier) -> None:
+    """The recipe checks that need the verifier but no data: run before data preparation."""
+    if recipe.drafter.kind == "draft_model":
+        from ..student import check_student
+
+        check_student(recipe.drafter.student, verifier)
+
+
+def make_objective(recipe, verifier, train_ds):
+    """The objective for the recipe's drafter kind."""
+    if recipe.drafter.kind == "draft_model":
+        from .distill import DistillObjective
+
+        return DistillObjective(verifier, recipe.drafter, recipe.objective, seed=recipe.training.seed,
+                                trust_remote_code=recipe.verifier.trust_remote_code)
+    from .loop import build_token_map
+
+    token_map = None
+    if recipe.drafter.draft_vocab_size:
+        token_map = build_token_map(train_ds, verifier.vocab_size, recipe.drafter.draft_vocab_size)
+    return MedusaObjective(verifier, recipe.drafter, recipe.objective, recipe.training.lora, token_map=token_map)
 
 
 def _unwrap(module):
