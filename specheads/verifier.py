@@ -163,7 +163,9 @@ def gguf_path_for_alias(alias: str) -> Path:
 def converted_alias_dir(alias: str) -> Path:
     """The cached safetensors copy of an alias, converted from its GGUF file on first use."""
     target = cache_dir() / "verifiers" / alias
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    # A cache without `architectures` predates the vLLM-loadable layout below: convert it again.
+    config = target / "config.json"
+    if (target / "model.safetensors").is_file() and config.is_file() and '"architectures"' in config.read_text():
         return target
     gguf = gguf_path_for_alias(alias)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -175,7 +177,9 @@ def converted_alias_dir(alias: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = alias
-    from safetensors.torch import save_model
+    # Serving engines (vLLM) pick the model class from `architectures`, which GGUF loading leaves unset.
+    model.config.architectures = [type(model).__name__]
+    from safetensors.torch import save_file
 
     from .checkpoint import atomic_directory
 
@@ -184,7 +188,13 @@ def converted_alias_dir(alias: str) -> Path:
         # are plain tensors by now: write config and weights directly.
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # Tied weights are stored once, under the input embeddings' name as save_pretrained does:
+        # vLLM ties the LM head to the embeddings and would leave them unloaded otherwise.
+        state = model.state_dict()
+        embeddings = model.get_input_embeddings().weight
+        for name in [n for n, p in model.named_parameters(remove_duplicate=False) if p is embeddings][1:]:
+            del state[name]
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
 
     atomic_directory(target, write)  # a crash never leaves a half-converted cache
