@@ -36,6 +36,8 @@ class MethodResult:
     time_s: float = 0.0
     new_tokens: int = 0
     stats: DecodingStats | None = None  # engine methods only
+    num_draft_tokens: int | None = None  # speculative methods: the draft length swept
+    variant: str | None = None  # speculative methods: the drafter variant (e.g. a Medusa tree shape)
 
     @property
     def tokens_per_s(self) -> float:
@@ -90,6 +92,7 @@ def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[li
             out = decoder.generate(ids, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling, seed=seed)
             return out.token_ids, out.stats
 
+        run.num_draft_tokens = k if d is not None else None
         return run
 
     methods["plain"] = engine_method(None, 0)
@@ -127,6 +130,7 @@ def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[li
                 tags = ([label] if label else []) + ([f"k={k}"] if len(cfg.num_draft_tokens) > 1 else [])
                 name = "speculative" + (f"[{','.join(tags)}]" if tags else "")
                 methods[name] = engine_method(variant, k)
+                methods[name].variant = label
     return methods
 
 
@@ -135,7 +139,10 @@ def run_benchmark(verifier, drafter, encoded: list[list[int]], cfg: BenchConfig,
     if not encoded:
         raise SpecHeadsError("the benchmark needs at least one prompt")
     methods = build_methods(verifier, drafter, cfg)
-    results = {name: MethodResult(name) for name in methods}
+    results = {
+        name: MethodResult(name, num_draft_tokens=getattr(run, "num_draft_tokens", None), variant=getattr(run, "variant", None))
+        for name, run in methods.items()
+    }
     device = verifier.device
     # Warm-up: one short run of each method (allocator, kernels, lazy init) that is not counted.
     for run in methods.values():
@@ -185,6 +192,8 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
                 for a, b in zip(r.outputs, reference)
                 if a != b
             ]
+        if r.num_draft_tokens is not None:
+            entry["num_draft_tokens"] = r.num_draft_tokens
         if r.stats and r.stats.verify_steps and name != "plain":
             s = r.stats
             step_s = (s.verify_s + s.draft_s) / s.verify_steps
@@ -215,7 +224,21 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
         "adaptive": cfg.adaptive,
         "typical_acceptance_LOSSY": cfg.typical_acceptance,
         "methods": methods,
+        "best_draft_length": best_draft_lengths(results, methods),
     }
+
+
+def best_draft_lengths(results: dict[str, MethodResult], methods: dict[str, dict]) -> dict[str, dict]:
+    """Per drafter variant, the swept draft length with the highest measured speedup."""
+    best: dict[str, dict] = {}
+    for name, r in results.items():
+        speedup = methods[name]["speedup"]
+        if r.num_draft_tokens is None or speedup is None:
+            continue
+        key = r.variant or "drafter"
+        if key not in best or speedup > best[key]["speedup"]:
+            best[key] = {"method": name, "num_draft_tokens": r.num_draft_tokens, "speedup": speedup, "tau": methods[name]["tau"]}
+    return best
 
 
 def markdown_table(report: dict) -> str:
@@ -232,6 +255,13 @@ def markdown_table(report: dict) -> str:
         tau = f"{m['tau']:.2f}" if m["tau"] is not None else "-"
         ident = "-" if m["identical_to_verifier"] is None else ("yes" if m["identical_to_verifier"] else f"no ({m['identical_fraction']:.0%} of prompts)")
         lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {tau} | {acc} | {ident} |")
+    best = report.get("best_draft_length") or {}
+    if best:
+        lines.append("")
+    for key, b in best.items():
+        who = "" if key == "drafter" else f" ({key})"
+        lines.append(f"best draft length{who} by measured speedup: k={b['num_draft_tokens']} "
+                     f"(`{b['method']}`, {b['speedup']:.2f}x, tau {b['tau']:.2f})")
     return "\n".join(lines) + "\n"
 
 

@@ -320,3 +320,21 @@ def test_hidden_state_cache_gives_the_same_student(tmp_path, teacher):
     b = AutoModelForCausalLM.from_pretrained(cached).state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the bench names the best draft length
+
+
+def test_bench_names_the_draft_length_with_the_best_measured_speedup():
+    from conftest import cached_verifier, noisy_model
+    from specheads.bench import BenchConfig, markdown_table, run_benchmark
+
+    v = cached_verifier("llama")
+    drafter = DraftModelDrafter(noisy_model("llama"), VOCAB)
+    report = run_benchmark(v, drafter, [[5, 9, 13, 5, 9], [20, 21, 22, 23]], BenchConfig(max_new_tokens=12, num_draft_tokens=(1, 3), hf_baselines=False), progress=False)
+    best = report["best_draft_length"]["drafter"]
+    swept = {name: m for name, m in report["methods"].items() if name.startswith("speculative")}
+    assert {m["num_draft_tokens"] for m in swept.values()} == {1, 3}
+    winner = max(swept, key=lambda n: swept[n]["speedup"])
+    assert best["method"] == winner and best["num_draft_tokens"] == swept[winner]["num_draft_tokens"]
+    assert f"best draft length by measured speedup: k={best['num_draft_tokens']}" in markdown_table(report)
