@@ -208,16 +208,27 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(module)  # collective: gathers ZeRO-3 / FSDP shards on the main process
     if main:
-        info = {"steps": step, "train_seconds": elapsed, "history": history[-20:], "recipe": asdict(recipe)}
+        info = {"steps": step, "train_seconds": elapsed, "peak_memory": peak_memory(accelerator.device), "history": history[-20:], "recipe": asdict(recipe)}
         if t.lora is not None:
             _save_tuned_verifier(accelerator, objective, module, verifier, os.path.join(t.output_dir, "verifier"))
         objective.save(state, final, training={"steps": step, "train_seconds": elapsed})
         with open(os.path.join(t.output_dir, "training_summary.json"), "w") as f:
             json.dump(info, f, indent=2)
+        accelerator.print(f"[specheads] trained {step} steps in {elapsed:.0f} s; peak memory " + ", ".join(f"{k} {v:.0f} MiB" for k, v in info["peak_memory"].items()))
         accelerator.print(f"[specheads] drafter checkpoint: {final}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def peak_memory(device) -> dict[str, float]:
+    """Peak resident memory of this process (MiB), and the accelerator's peak allocation."""
+    import resource
+
+    out = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if torch.device(device).type == "cuda":
+        out["cuda_allocated"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 @torch.no_grad()

@@ -47,6 +47,8 @@ class MedusaObjective:
         )
         heads = MedusaHeads(self.medusa_cfg, token_map=token_map)
         heads.init_lm_heads_from(verifier.model.get_output_embeddings().weight.detach().float().cpu())
+        if heads.lm_heads is not None and not objective_cfg.train_lm_heads:
+            heads.lm_heads.requires_grad_(False)
         tuned = None
         if lora_cfg is not None:
             from peft import LoraConfig, get_peft_model

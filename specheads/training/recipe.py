@@ -91,6 +91,9 @@ class ObjectiveSection:
     # distribution (specheads/training/losses.py). Unset: ce for medusa, fkl for draft_model.
     loss: str | None = None
     head_decay: float = 0.8  # medusa: head k's loss weight is head_decay ** k
+    # medusa: false keeps the own LM heads at the verifier's rows and trains only the residual
+    # blocks: ~H*H parameters per head instead of H*(H+V), which overfits far less on small data.
+    train_lm_heads: bool = True
     # draft_model only:
     temperature: float = 1.0  # applied to both distributions before the divergence
     jsd_beta: float = 0.5  # jsd: weight of the verifier in the mixture; 0 = fkl, 1 = rkl
