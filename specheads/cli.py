@@ -178,6 +178,37 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import json
+
+    from .export import export_vllm
+
+    export = export_vllm(args.drafter, args.output_dir, verifier=args.verifier)
+    spec = json.dumps(export.speculative_config())
+    print(f"exported {args.drafter} -> {export.path} (vLLM speculative method '{export.method}')")
+    print(f"serve it:  vllm serve VERIFIER_DIR --speculative-config '{spec}'")
+    if export.max_speculative_tokens:
+        print(f"           (num_speculative_tokens at most {export.max_speculative_tokens}: one per Medusa head)")
+    return 0
+
+
+EXPORT_DESCRIPTION = """\
+Write a drafter checkpoint as the folder vLLM (0.32) loads for speculative decoding, atomically.
+
+  Medusa heads  -> vLLM's Medusa folder (model_type "medusa"; blocks.{h}.layers.{l}.weight/bias,
+                   lm_heads.{h}.weight). Heads sharing the verifier's LM head are written with
+                   original_lm_head and the verifier's head (--verifier, by default the verifier the
+                   checkpoint records). Serve with {"method": "medusa", "num_speculative_tokens": K},
+                   K at most the number of heads; vLLM drafts the top-1 chain (no trees).
+  draft model   -> a plain save_pretrained folder (safetensors, tokenizer, no specheads block).
+                   Serve with {"method": "draft_model", "num_speculative_tokens": K}.
+
+What vLLM cannot express is refused with an error naming it, never exported approximately: e.g.
+own Medusa LM heads over a truncated draft vocabulary (vLLM builds own heads over the full
+vocabulary), or config keys vLLM would rename into num_heads / num_hidden_layers.
+"""
+
+
 def _add_bench_args(p: argparse.ArgumentParser, *, output: str) -> None:
     _add_verifier_args(p)
     _add_decoding_args(p, sweep=True)
@@ -215,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir (same data order, optimizer and scheduler state)")
     p.add_argument("--output-dir", default=None, help="override training.output_dir")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a drafter as the folder vLLM loads (--format vllm)",
+                       description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", default="vllm", choices=["vllm"], help="target engine (default: %(default)s)")
+    p.add_argument("drafter", help="a specheads drafter checkpoint, or a draft model directory")
+    p.add_argument("output_dir", help="the folder to write (replaced atomically; never the drafter folder itself)")
+    p.add_argument("--verifier", default=None, help="verifier alias or directory, loaded only when the export needs it "
+                   "(a shared Medusa LM head) or to check the drafter against it (default: the checkpoint's recorded verifier, when needed)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the embedded-default job: train Medusa heads for SmolLM2-135M, benchmark them, print the speedup",
                        description="Self-distil data from the embedded SmolLM2-135M verifier, train Medusa-1 heads with the quick "

@@ -1,0 +1,259 @@
+"""Export a drafter to the folder a serving engine loads: vLLM 0.32 (``--format vllm``).
+
+``export_vllm(drafter_dir, out_dir)`` reads the drafter folder, picks the exporter for its kind
+from ``VLLM_EXPORTERS`` (``medusa``; ``draft_model`` for a plain model directory; EAGLE registers
+here later) and writes, atomically, a folder that ``speculative_config={"method": ..., "model":
+out_dir}`` loads. What vLLM cannot express is refused with a SpecHeadsError naming it: an export
+is exact or it does not happen.
+
+What vLLM 0.32's Medusa code (``transformers_utils/configs/medusa.py``, ``models/medusa.py``)
+implies for the folder:
+- it renames every config key containing "num" and "heads" to ``num_heads`` and "num" and
+  "layers" to ``num_hidden_layers``, so the config holds no other such key;
+- the block bias is read only when ``medusa_fc_bias`` is true, and a shared LM head is the
+  tensor ``lm_heads.0.weight`` of a config with ``original_lm_head`` (vLLM does not reuse the
+  target's head: the export writes the verifier's);
+- own LM heads are built over the full vocabulary, and ``truncated_vocab_size`` + ``token_map``
+  load only with the shared head: own heads over a truncated draft vocabulary cannot be served;
+- ``num_speculative_tokens`` replaces ``num_heads``: serve with at most ``num_heads`` tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import CONFIG, WEIGHTS, atomic_directory, check_verifier
+from .errors import SpecHeadsError
+
+# Keys vLLM's MedusaConfig reads after its renaming; an exported config holds exactly these
+# (plus model_type / architectures).
+VLLM_MEDUSA_KEYS = ("hidden_size", "vocab_size", "num_heads", "num_hidden_layers", "medusa_fc_bias", "original_lm_head")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+)
+
+
+@dataclass(frozen=True)
+class VllmExport:
+    """Where an export went and how vLLM serves it."""
+
+    path: Path
+    method: str  # speculative_config["method"]
+    max_speculative_tokens: int | None = None  # Medusa: its number of heads; None = no limit
+
+    def speculative_config(self, num_speculative_tokens: int | None = None) -> dict:
+        k = num_speculative_tokens or self.max_speculative_tokens or 3
+        if self.max_speculative_tokens is not None and k > self.max_speculative_tokens:
+            raise SpecHeadsError(
+                f"num_speculative_tokens={k} exceeds the {self.max_speculative_tokens} heads of the {self.method} "
+                f"drafter in {self.path}: vLLM would build heads that have no weights"
+            )
+        return {"method": self.method, "model": str(self.path), "num_speculative_tokens": k}
+
+
+class _VerifierRef:
+    """The verifier an export may need (a shared LM head, a tokenizer), loaded only if needed."""
+
+    def __init__(self, verifier, recorded_name: str | None):
+        self._given = verifier
+        self._recorded = recorded_name
+
+    @property
+    def given(self) -> bool:
+        return self._given is not None
+
+    def get(self, why: str):
+        if self._given is None or isinstance(self._given, str):
+            name = self._given or self._recorded
+            if not name:
+                raise SpecHeadsError(f"{why}, but no verifier was given and the checkpoint records none: pass verifier=...")
+            from .verifier import load_verifier
+
+            self._given = load_verifier(name)
+        return self._given
+
+
+# kind -> exporter(source dir, its config.json, output (temp) dir, verifier ref) -> (method, max tokens)
+Exporter = Callable[[Path, dict, Path, _VerifierRef], "tuple[str, int | None]"]
+VLLM_EXPORTERS: dict[str, Exporter] = {}
+
+
+def register_vllm_exporter(kind: str):
+    def wrap(fn: Exporter) -> Exporter:
+        VLLM_EXPORTERS[kind] = fn
+        return fn
+
+    return wrap
+
+
+def drafter_kind(config: dict, source: Path) -> str:
+    """A specheads checkpoint's recorded kind, or ``draft_model`` for a plain causal LM folder."""
+    kind = (config.get("specheads") or {}).get("drafter_kind")
+    if kind:
+        return kind
+    if "model_type" in config or "architectures" in config:
+        return "draft_model"
+    raise SpecHeadsError(f"{source / CONFIG} is neither a specheads drafter checkpoint (no 'specheads.drafter_kind') nor a model config (no 'model_type')")
+
+
+def read_json_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise SpecHeadsError(f"drafter checkpoint not found: {folder}")
+    path = folder / CONFIG
+    if not path.is_file():
+        raise SpecHeadsError(f"drafter checkpoint {folder} has no {CONFIG}")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpecHeadsError(f"drafter config {path} is corrupt: {exc}") from exc
+    if not isinstance(config, dict):
+        raise SpecHeadsError(f"drafter config {path} is corrupt: not a JSON object")
+    return config
+
+
+def export_vllm(drafter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, verifier=None) -> VllmExport:
+    """Write the vLLM folder for the drafter in ``drafter_dir`` to ``out_dir`` (replaced atomically).
+
+    ``verifier``: a ``Verifier``, a name for ``load_verifier``, or None. It is loaded only when the
+    export needs it (a shared Medusa LM head is written from it; a draft model without tokenizer
+    files gets its tokenizer), by default the verifier the checkpoint records; a given one is also
+    checked against the checkpoint's fingerprint (Medusa) or vocabulary size (draft model).
+    """
+    source, out = Path(drafter_dir), Path(out_dir)
+    config = read_json_config(source)
+    if out.resolve() == source.resolve():
+        raise SpecHeadsError(f"export output {out} is the drafter checkpoint itself: choose another folder")
+    kind = drafter_kind(config, source)
+    if kind not in VLLM_EXPORTERS:
+        raise SpecHeadsError(f"drafter {source} is of kind '{kind}', which has no vLLM export (exportable: {', '.join(VLLM_EXPORTERS)})")
+    ref = _VerifierRef(verifier, ((config.get("specheads") or {}).get("verifier") or {}).get("name"))
+    result: dict = {}
+
+    def write(tmp: Path) -> None:
+        result["method"], result["max"] = VLLM_EXPORTERS[kind](source, config, tmp, ref)
+
+    atomic_directory(out, write)
+    return VllmExport(out, result["method"], result["max"])
+
+
+# -- Medusa -------------------------------------------------------------------------------------
+def check_vllm_medusa_config(config: dict) -> None:
+    """Refuse keys vLLM's renaming would turn into num_heads / num_hidden_layers behind our back."""
+    clash = [k for k in config if "num" in k and ("heads" in k or "layers" in k) and k not in ("num_heads", "num_hidden_layers")]
+    if clash:
+        raise SpecHeadsError(f"config keys {clash} would be renamed by vLLM's Medusa config to num_heads / num_hidden_layers, overriding the real values")
+
+
+@register_vllm_exporter("medusa")
+def _export_medusa(source: Path, config: dict, out: Path, ref: _VerifierRef) -> tuple[str, int]:
+    from .drafters.medusa import KIND, MedusaConfig, load_medusa_heads
+
+    hp = config["specheads"].get("hyper_parameters") or {}
+    unknown = sorted(set(hp) - {f.name for f in fields(MedusaConfig)} - {"training"})
+    if unknown:
+        raise SpecHeadsError(f"Medusa checkpoint {source} has options {unknown} this exporter does not know, so it cannot say how vLLM would express them")
+    try:
+        heads = load_medusa_heads(source)  # checks the kind and every tensor's shape
+    except TypeError as exc:  # a hyper-parameter missing from the config
+        raise SpecHeadsError(f"Medusa checkpoint {source} has incomplete hyper-parameters: {exc}") from exc
+    cfg = heads.config
+    _check_recorded_vllm_keys(source, config, cfg)
+    if ref.given or cfg.shared_lm_head:
+        verifier = ref.get(f"Medusa heads {source} need their verifier (a shared LM head is written from it)")
+        check_verifier(config["specheads"].get("verifier") or {}, verifier, source)
+
+    tensors = {f"blocks.{h}.layers.{l}.{name}": p for h, block in enumerate(heads.blocks)
+               for l, layer in enumerate(block["layers"]) for name, p in layer.named_parameters()}
+    if cfg.shared_lm_head:
+        tensors["lm_heads.0.weight"] = verifier.model.get_output_embeddings().weight
+    else:
+        rows = [head.weight for head in heads.lm_heads]
+        if heads.token_map is not None:
+            rows = _full_vocab_rows(source, cfg, heads.token_map, rows)
+        for h, w in enumerate(rows):
+            tensors[f"lm_heads.{h}.weight"] = w
+
+    vllm_config = {
+        "model_type": "medusa",
+        "architectures": ["MedusaModel"],
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "num_heads": cfg.num_heads,
+        "num_hidden_layers": cfg.num_layers,
+        "medusa_fc_bias": cfg.bias,
+        "original_lm_head": cfg.shared_lm_head,
+    }
+    check_vllm_medusa_config(vllm_config)
+    save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / CONFIG).write_text(json.dumps(vllm_config, indent=2))
+    return KIND, cfg.num_heads
+
+
+def _full_vocab_rows(source: Path, cfg, token_map: torch.Tensor, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Own heads over a draft vocabulary -> heads over the verifier's, when that is exact."""
+    ids = token_map.long()
+    if ids.unique().numel() != ids.numel() or int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
+        raise SpecHeadsError(f"Medusa checkpoint {source} has a corrupt token_map (repeated or out-of-range token ids)")
+    if ids.numel() < cfg.vocab_size:
+        raise SpecHeadsError(
+            f"Medusa checkpoint {source} has own LM heads over a truncated draft vocabulary "
+            f"(draft_vocab_size={ids.numel()} < vocab_size={cfg.vocab_size}): vLLM 0.32 builds own Medusa LM heads over the "
+            "full vocabulary and loads truncated_vocab_size + token_map only with one shared head (original_lm_head), "
+            "so these heads cannot be served exactly. Train with draft_vocab_size unset (full vocabulary) to export."
+        )
+    # A draft vocabulary that is a permutation of the full one: put each row at its token's id.
+    full = []
+    for w in rows:
+        placed = torch.empty_like(w)
+        placed[ids] = w
+        full.append(placed)
+    return full
+
+
+def _check_recorded_vllm_keys(source: Path, config: dict, cfg) -> None:
+    """The checkpoint's own top-level vLLM keys (written by save_medusa) must agree with its
+    hyper-parameters: a hand-edited folder is refused rather than guessed at."""
+    check_vllm_medusa_config({k: v for k, v in config.items() if k != "specheads"})
+    expected = {"hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "num_heads": cfg.num_heads, "num_hidden_layers": cfg.num_layers}
+    wrong = {k: (config[k], v) for k, v in expected.items() if k in config and config[k] != v}
+    if wrong:
+        detail = ", ".join(f"{k}={a} vs {b}" for k, (a, b) in wrong.items())
+        raise SpecHeadsError(f"Medusa checkpoint {source}: its config keys disagree with its specheads hyper-parameters ({detail})")
+
+
+# -- draft model --------------------------------------------------------------------------------
+@register_vllm_exporter("draft_model")
+def _export_draft_model(source: Path, config: dict, out: Path, ref: _VerifierRef) -> tuple[str, None]:
+    """A causal LM folder -> a plain ``save_pretrained`` folder (safetensors, tokenizer, no specheads keys)."""
+    from transformers import AutoModelForCausalLM
+
+    if not any(source.glob("*.safetensors")):
+        raise SpecHeadsError(f"draft model {source} has no .safetensors weights (pickled .bin weights are not loaded)")
+    try:  # use_safetensors: never unpickle weights; the load also proves the folder is whole
+        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=True)
+    except Exception as exc:  # transformers raises OSError / ValueError / safetensors errors
+        raise SpecHeadsError(f"draft model {source} does not load as a causal LM: {str(exc).splitlines()[0]}") from exc
+    if hasattr(model.config, "specheads"):
+        del model.config.specheads  # specheads-only metadata; vLLM's config parsing has no use for it
+    vocab = model.get_output_embeddings().weight.shape[0]
+    verifier = ref.get("checking the draft model's vocabulary") if ref.given else None
+    if verifier is not None and vocab != verifier.vocab_size:
+        raise SpecHeadsError(f"draft model {source} has vocabulary size {vocab} but verifier '{verifier.name}' has {verifier.vocab_size}: vLLM's draft_model method needs the verifier's vocabulary")
+    model.save_pretrained(out, safe_serialization=True)
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copy2(source / name, out / name)
+    if not copied and ref.given:
+        tokenizer = ref.get("copying the tokenizer").tokenizer
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+    return "draft_model", None

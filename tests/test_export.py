@@ -1,0 +1,276 @@
+"""`specheads export --format vllm`: the folders vLLM's loaders take, exact round trips, refusals.
+
+vLLM itself is not needed here (scripts/vllm_interop.sh checks the folders against the real
+engine); these tests pin the layout its loaders read: vLLM's Medusa config renames keys containing
+"num" + "heads"/"layers", reads the block bias only with ``medusa_fc_bias``, a shared head only
+with ``original_lm_head`` as ``lm_heads.0.weight``, and builds own heads over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specheads.cli import main as cli_main
+from specheads.drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
+from specheads.errors import SpecHeadsError
+from specheads.export import VLLM_EXPORTERS, check_vllm_medusa_config, export_vllm
+
+from conftest import cached_verifier, make_model
+
+H = 32  # the tiny verifiers' hidden size
+
+
+@pytest.fixture
+def llama():
+    return cached_verifier("llama", 0)
+
+
+def random_heads(verifier, *, seed=0, **cfg) -> MedusaHeads:
+    """Medusa heads with every parameter random (blocks start at zero otherwise)."""
+    torch.manual_seed(seed)
+    token_map = None
+    if cfg.get("draft_vocab_size"):
+        token_map = torch.randperm(verifier.vocab_size)[: cfg["draft_vocab_size"]]
+    heads = MedusaHeads(MedusaConfig(hidden_size=H, vocab_size=verifier.vocab_size, **cfg), token_map=token_map)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.3)
+    return heads
+
+
+def exported(out):
+    return json.loads((out / "config.json").read_text()), load_file(str(out / "model.safetensors"))
+
+
+def heads_from_vllm_folder(config: dict, tensors: dict) -> MedusaHeads:
+    """What vLLM builds from the folder, as specheads modules (strict load: every tensor used)."""
+    heads = MedusaHeads(MedusaConfig(
+        hidden_size=config["hidden_size"], vocab_size=config["vocab_size"], num_heads=config["num_heads"],
+        num_layers=config["num_hidden_layers"], shared_lm_head=config["original_lm_head"], bias=config["medusa_fc_bias"],
+    ))
+    own = {k: v for k, v in tensors.items() if not (config["original_lm_head"] and k == "lm_heads.0.weight")}
+    heads.load_state_dict(own, strict=True)
+    return heads
+
+
+# -- Medusa: layout and exact round trips ------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False])
+def test_medusa_own_heads_round_trip(llama, tmp_path, bias):
+    heads = random_heads(llama, num_heads=3, num_layers=2, bias=bias)
+    save_medusa(tmp_path / "ckpt", heads, llama)
+    export = export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    assert (export.method, export.max_speculative_tokens) == ("medusa", 3)
+    config, tensors = exported(tmp_path / "vllm")
+    assert config == {
+        "model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": H, "vocab_size": llama.vocab_size,
+        "num_heads": 3, "num_hidden_layers": 2, "medusa_fc_bias": bias, "original_lm_head": False,
+    }
+    expected = {f"blocks.{h}.layers.{l}.weight" for h in range(3) for l in range(2)} | {f"lm_heads.{h}.weight" for h in range(3)}
+    if bias:
+        expected |= {f"blocks.{h}.layers.{l}.bias" for h in range(3) for l in range(2)}
+    assert set(tensors) == expected
+    hidden = torch.randn(5, H)
+    torch.testing.assert_close(heads_from_vllm_folder(config, tensors)(hidden), heads(hidden), rtol=0, atol=0)
+
+
+def test_medusa_shared_head_writes_the_verifiers_head(llama, tmp_path):
+    heads = random_heads(llama, num_heads=2, shared_lm_head=True)
+    save_medusa(tmp_path / "ckpt", heads, llama)
+    export_vllm(tmp_path / "ckpt", tmp_path / "vllm", verifier=llama)
+    config, tensors = exported(tmp_path / "vllm")
+    assert config["original_lm_head"] is True
+    lm_head = llama.model.get_output_embeddings().weight
+    assert set(tensors) == {"blocks.0.layers.0.weight", "blocks.0.layers.0.bias", "blocks.1.layers.0.weight", "blocks.1.layers.0.bias", "lm_heads.0.weight"}
+    torch.testing.assert_close(tensors["lm_heads.0.weight"], lm_head, rtol=0, atol=0)
+    hidden = torch.randn(4, H)
+    rebuilt = heads_from_vllm_folder(config, tensors)
+    torch.testing.assert_close(rebuilt(hidden, tensors["lm_heads.0.weight"]), heads(hidden, lm_head), rtol=0, atol=0)
+
+
+def test_medusa_shared_head_refuses_a_different_verifier(llama, tmp_path):
+    save_medusa(tmp_path / "ckpt", random_heads(llama, num_heads=2, shared_lm_head=True), llama)
+    with pytest.raises(SpecHeadsError, match="trained for"):
+        export_vllm(tmp_path / "ckpt", tmp_path / "vllm", verifier=cached_verifier("llama", 1))
+    assert not (tmp_path / "vllm").exists()
+
+
+def test_medusa_permuted_full_draft_vocabulary_is_put_in_verifier_order(llama, tmp_path):
+    heads = random_heads(llama, num_heads=2, draft_vocab_size=llama.vocab_size)  # token_map: a permutation
+    save_medusa(tmp_path / "ckpt", heads, llama)
+    export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    config, tensors = exported(tmp_path / "vllm")
+    assert "token_map" not in tensors and "truncated_vocab_size" not in config  # vLLM ignores token_map at full size
+    hidden = torch.randn(3, H)
+    full = heads_from_vllm_folder(config, tensors)(hidden)
+    torch.testing.assert_close(full[..., heads.token_map], heads(hidden), rtol=0, atol=0)
+
+
+def test_no_tensor_or_key_vllm_would_misread(llama, tmp_path):
+    save_medusa(tmp_path / "ckpt", random_heads(llama, num_heads=4), llama)
+    export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    config, tensors = exported(tmp_path / "vllm")
+    renamed = [k for k in config if "num" in k and ("heads" in k or "layers" in k)]
+    assert renamed == ["num_heads", "num_hidden_layers"]
+    assert "specheads" not in config
+    assert not any(k.startswith(("model.", "medusa_heads.")) for k in tensors)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+
+
+# -- Medusa: refusals --------------------------------------------------------------------------
+def test_own_heads_over_a_truncated_vocabulary_are_refused(llama, tmp_path):
+    save_medusa(tmp_path / "ckpt", random_heads(llama, num_heads=2, draft_vocab_size=16), llama)
+    with pytest.raises(SpecHeadsError, match=r"truncated draft vocabulary.*original_lm_head"):
+        export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "ckpt"]  # no temp folder left behind
+
+
+def test_check_vllm_medusa_config_names_renamed_keys():
+    check_vllm_medusa_config({"num_heads": 3, "num_hidden_layers": 1, "hidden_size": 8})
+    with pytest.raises(SpecHeadsError, match="medusa_num_heads"):
+        check_vllm_medusa_config({"num_heads": 3, "medusa_num_heads": 5})
+    with pytest.raises(SpecHeadsError, match="num_layers"):
+        check_vllm_medusa_config({"num_hidden_layers": 1, "num_layers": 2})
+
+
+def edit_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if key == "hyper_parameters":
+            config["specheads"]["hyper_parameters"].update(value)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"medusa_num_layers": 2}, "medusa_num_layers"),  # vLLM would take it as num_hidden_layers
+    ({"num_heads": 5}, "num_heads=5 vs 3"),  # the folder's vLLM keys disagree with its hyper-parameters
+    ({"hyper_parameters": {"num_lora_layers": 2}}, "num_lora_layers"),  # an option the exporter does not know
+])
+def test_medusa_options_vllm_cannot_express_are_refused(llama, tmp_path, changes, named):
+    save_medusa(tmp_path / "ckpt", random_heads(llama, num_heads=3), llama)
+    edit_config(tmp_path / "ckpt", **changes)
+    with pytest.raises(SpecHeadsError, match=named):
+        export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
+
+
+def test_speculative_config_refuses_more_tokens_than_heads(llama, tmp_path):
+    save_medusa(tmp_path / "ckpt", random_heads(llama, num_heads=2), llama)
+    export = export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    assert export.speculative_config(2) == {"method": "medusa", "model": str(tmp_path / "vllm"), "num_speculative_tokens": 2}
+    with pytest.raises(SpecHeadsError, match="exceeds the 2 heads"):
+        export.speculative_config(3)
+
+
+# -- draft models -------------------------------------------------------------------------------
+def save_draft_model(folder, *, specheads_block=True, vocab=None):
+    from tiny_text import VOCAB_SIZE, char_tokenizer
+
+    model = make_model("llama", seed=3, vocab=vocab or VOCAB_SIZE)
+    model.save_pretrained(folder, safe_serialization=True)
+    char_tokenizer().save_pretrained(folder)
+    if specheads_block:  # as specheads' distillation writes it
+        config = json.loads((folder / "config.json").read_text())
+        config["specheads"] = {"format_version": 1, "drafter_kind": "draft_model", "hyper_parameters": {"num_hidden_layers": 2}, "verifier": {"name": "tiny"}}
+        (folder / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("specheads_block", [True, False])
+def test_draft_model_round_trip(tmp_path, specheads_block):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = save_draft_model(tmp_path / "student", specheads_block=specheads_block)
+    export = export_vllm(tmp_path / "student", tmp_path / "vllm")
+    assert (export.method, export.max_speculative_tokens) == ("draft_model", None)
+    config = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert "specheads" not in config and config["architectures"] == ["LlamaForCausalLM"]
+    assert sorted(p.name for p in (tmp_path / "vllm").glob("*.safetensors")) == ["model.safetensors"]
+    assert not list((tmp_path / "vllm").glob("*.bin"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "vllm").eval()
+    ids = torch.tensor([[3, 7, 1, 12, 5, 9]])
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "vllm")
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tmp_path / "student").get_vocab()
+
+
+def test_draft_model_with_another_vocabulary_is_refused(llama, tmp_path):
+    save_draft_model(tmp_path / "student", specheads_block=False, vocab=llama.vocab_size + 5)
+    with pytest.raises(SpecHeadsError, match="vocabulary size"):
+        export_vllm(tmp_path / "student", tmp_path / "vllm", verifier=llama)
+    assert not (tmp_path / "vllm").exists()
+
+
+# -- bad input: clear message, nothing half-written ----------------------------------------------
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(SpecHeadsError, match="not found"):
+        export_vllm(tmp_path / "nothing", tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
+
+
+@pytest.mark.parametrize("config_text, named", [
+    (None, "has no config.json"),
+    ("{not json", "corrupt"),
+    ('{"hello": 1}', "config.json is neither a specheads drafter checkpoint"),
+    ('{"specheads": {"drafter_kind": "eagle"}}', "no vLLM export"),
+])
+def test_bad_config(tmp_path, config_text, named):
+    (tmp_path / "ckpt").mkdir()
+    if config_text is not None:
+        (tmp_path / "ckpt" / "config.json").write_text(config_text)
+    with pytest.raises(SpecHeadsError, match=named):
+        export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
+
+
+def test_truncated_weights_keep_the_previous_export(llama, tmp_path):
+    save_medusa(tmp_path / "ckpt", random_heads(llama, num_heads=2), llama)
+    export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    before = (tmp_path / "vllm" / "model.safetensors").read_bytes()
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(SpecHeadsError, match="corrupt or truncated"):
+        export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    assert (tmp_path / "vllm" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "vllm"]
+
+
+def test_corrupt_draft_model_weights(tmp_path):
+    save_draft_model(tmp_path / "student")
+    weights = tmp_path / "student" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(SpecHeadsError, match="does not load"):
+        export_vllm(tmp_path / "student", tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
+
+
+def test_output_over_the_checkpoint_is_refused(llama, tmp_path):
+    save_medusa(tmp_path / "ckpt", random_heads(llama, num_heads=2), llama)
+    with pytest.raises(SpecHeadsError, match="the drafter checkpoint itself"):
+        export_vllm(tmp_path / "ckpt", tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+
+
+# -- the command --------------------------------------------------------------------------------
+def test_cli_export(llama, tmp_path, capsys):
+    save_medusa(tmp_path / "ckpt", random_heads(llama, num_heads=3), llama)
+    assert cli_main(["export", "--format", "vllm", str(tmp_path / "ckpt"), str(tmp_path / "vllm")]) == 0
+    out = capsys.readouterr().out
+    assert '"method": "medusa"' in out and '"num_speculative_tokens": 3' in out
+    assert (tmp_path / "vllm" / "model.safetensors").is_file()
+
+
+def test_cli_export_error_is_one_line(tmp_path, capsys):
+    assert cli_main(["export", str(tmp_path / "missing"), str(tmp_path / "vllm")]) == 2
+    assert "specheads: error: drafter checkpoint not found" in capsys.readouterr().err
+
+
+def test_every_exporter_kind_is_registered():
+    assert {"medusa", "draft_model"} <= set(VLLM_EXPORTERS)
