@@ -111,6 +111,16 @@ def test_training_learns_a_learnable_continuation(tmp_path):
     assert out.token_ids == ref
 
 
+def test_frozen_lm_heads_train_only_the_blocks(tmp_path):
+    v = tiny_verifier()
+    final = train(recipe(tmp_path, "objective.train_lm_heads=false", "training.max_steps=10", "training.eval_every=10"),
+                  verifier=v, datasets=(counting_data(32, 0), counting_data(8, 1)), progress=False)
+    heads = load_medusa_heads(final, v)
+    for k in range(3):  # the own LM heads are still the verifier's, the blocks moved
+        torch.testing.assert_close(heads.lm_heads[k].weight, v.model.lm_head.weight)
+        assert heads.blocks[k]["layers"][0].weight.abs().sum() > 0
+
+
 def test_checkpoint_round_trip_and_wrong_verifier(tmp_path):
     v = tiny_verifier()
     heads = MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=V, num_heads=2))
