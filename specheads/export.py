@@ -174,7 +174,10 @@ def _export_medusa(source: Path, config: dict, out: Path, ref: _VerifierRef) -> 
     tensors = {f"blocks.{h}.layers.{l}.{name}": p for h, block in enumerate(heads.blocks)
                for l, layer in enumerate(block["layers"]) for name, p in layer.named_parameters()}
     if cfg.shared_lm_head:
+        # vLLM cuts this full head to the token_map's rows itself when truncated_vocab_size is set.
         tensors["lm_heads.0.weight"] = verifier.model.get_output_embeddings().weight
+        if heads.token_map is not None:
+            tensors["token_map"] = heads.token_map
     else:
         rows = [head.weight for head in heads.lm_heads]
         if heads.token_map is not None:
@@ -192,6 +195,8 @@ def _export_medusa(source: Path, config: dict, out: Path, ref: _VerifierRef) -> 
         "medusa_fc_bias": cfg.bias,
         "original_lm_head": cfg.shared_lm_head,
     }
+    if cfg.shared_lm_head and heads.token_map is not None:
+        vllm_config["truncated_vocab_size"] = int(heads.token_map.numel())
     check_vllm_medusa_config(vllm_config)
     save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(vllm_config, indent=2))
@@ -208,7 +213,8 @@ def _full_vocab_rows(source: Path, cfg, token_map: torch.Tensor, rows: list[torc
             f"Medusa checkpoint {source} has own LM heads over a truncated draft vocabulary "
             f"(draft_vocab_size={ids.numel()} < vocab_size={cfg.vocab_size}): vLLM 0.32 builds own Medusa LM heads over the "
             "full vocabulary and loads truncated_vocab_size + token_map only with one shared head (original_lm_head), "
-            "so these heads cannot be served exactly. Train with draft_vocab_size unset (full vocabulary) to export."
+            "so these heads cannot be served exactly. Train with drafter.shared_lm_head=true (the verifier's rows of the draft "
+            "vocabulary) or with draft_vocab_size unset (full vocabulary) to export."
         )
     # A draft vocabulary that is a permutation of the full one: put each row at its token's id.
     full = []

@@ -91,6 +91,27 @@ def test_medusa_shared_head_writes_the_verifiers_head(llama, tmp_path):
     torch.testing.assert_close(rebuilt(hidden, tensors["lm_heads.0.weight"]), heads(hidden, lm_head), rtol=0, atol=0)
 
 
+def test_medusa_shared_head_over_a_truncated_vocabulary(llama, tmp_path):
+    heads = random_heads(llama, num_heads=2, shared_lm_head=True, draft_vocab_size=20)
+    save_medusa(tmp_path / "ckpt", heads, llama)
+    export_vllm(tmp_path / "ckpt", tmp_path / "vllm", verifier=llama)
+    config, tensors = exported(tmp_path / "vllm")
+    assert config["original_lm_head"] is True and config["truncated_vocab_size"] == 20
+    torch.testing.assert_close(tensors["token_map"], heads.token_map, rtol=0, atol=0)
+    lm_head = llama.model.get_output_embeddings().weight
+    # vLLM: the shared head keeps the token_map's rows, logits land at those ids, -inf elsewhere
+    blocks = {k: v for k, v in tensors.items() if k.startswith("blocks.")}
+    rebuilt = MedusaHeads(MedusaConfig(hidden_size=H, vocab_size=llama.vocab_size, num_heads=2, shared_lm_head=True))
+    rebuilt.load_state_dict(blocks, strict=True)
+    hidden = torch.randn(4, H)
+    truncated = torch.stack([torch.nn.functional.linear(f, tensors["lm_heads.0.weight"][tensors["token_map"]]) for f in rebuilt.features(hidden)])
+    vllm_logits = torch.full((2, 4, llama.vocab_size), float("-inf"))
+    vllm_logits[..., tensors["token_map"]] = truncated
+    ours = heads(hidden, lm_head)  # [2, 4, 20] over the draft vocabulary
+    torch.testing.assert_close(vllm_logits[..., heads.token_map], ours, rtol=0, atol=0)
+    assert torch.equal(heads.to_verifier_ids(ours.argmax(-1)), vllm_logits.argmax(-1))
+
+
 def test_medusa_shared_head_refuses_a_different_verifier(llama, tmp_path):
     save_medusa(tmp_path / "ckpt", random_heads(llama, num_heads=2, shared_lm_head=True), llama)
     with pytest.raises(SpecHeadsError, match="trained for"):

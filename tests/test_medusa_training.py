@@ -74,6 +74,28 @@ def test_own_heads_initialised_from_verifier_and_truncated_vocab():
         MedusaConfig(hidden_size=32, vocab_size=V, draft_vocab_size=V + 1)
 
 
+def test_shared_head_over_a_truncated_vocabulary_scores_the_verifiers_rows(tmp_path):
+    v = tiny_verifier()
+    token_map = torch.tensor([1, 4, 9, 20])
+    heads = MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=V, num_heads=2, shared_lm_head=True, draft_vocab_size=4), token_map=token_map)
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    out = v.model(ids, output_hidden_states=True)
+    logits = heads(out.hidden_states[-1], v.model.get_output_embeddings().weight)
+    assert logits.shape == (2, 1, 5, 4)
+    torch.testing.assert_close(logits[0], out.logits[..., token_map], atol=1e-5, rtol=1e-5)
+    final = train(recipe(tmp_path, "drafter.shared_lm_head=true", "drafter.draft_vocab_size=24", "training.max_steps=80", "training.eval_every=80", "training.lr=0.01"),
+                  verifier=v, datasets=(counting_data(64, 0), counting_data(8, 1)), progress=False)
+    drafter = build_drafter(final, v)
+    prompt = [2 + (5 + i) % (V - 2) for i in range(8)]
+    ref = v.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20)[0, 8:].tolist()
+    out = SpeculativeDecoder(v, drafter, num_draft_tokens=2).generate(prompt, max_new_tokens=20, eos_token_ids=[1])
+    assert out.token_ids == ref
+    # the blocks learned the counting pattern over the draft vocabulary (chance is 1/46 per head)
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    top1 = [h["eval/top1_head0"] for h in summary["history"] if "eval/top1_head0" in h][-1]
+    assert top1 > 0.1, summary["history"]
+
+
 def test_loss_matches_hand_computation():
     v = tiny_verifier()
     obj = MedusaObjective(v, DrafterSection(num_heads=2), ObjectiveSection(loss="ce", head_decay=0.5))

@@ -4,7 +4,9 @@ Head k (0-based) predicts the token k+1 places after the verifier's next token. 
 ``num_layers`` residual blocks ``x + SiLU(W x)`` (W zero-initialised, so a fresh head starts as
 the identity) followed by an LM head: its own (initialised from the verifier's) or the
 verifier's, shared and frozen. An optional truncated draft vocabulary keeps only the N most
-frequent tokens of the training data; ``token_map[i]`` is the verifier id of draft id i.
+frequent tokens of the training data; ``token_map[i]`` is the verifier id of draft id i. A shared
+head over a truncated vocabulary uses the verifier's rows of those tokens: the one truncated form
+vLLM 0.32 can serve (it builds own heads over the full vocabulary only).
 
 Tensor names follow vLLM's Medusa loader (``blocks.{h}.layers.{l}.weight``, ``lm_heads.{h}.weight``,
 ``token_map``) so exporting is a config rewrite, not a re-layout.
@@ -53,8 +55,6 @@ class MedusaConfig:
         if self.num_layers < 0:
             raise SpecHeadsError(f"num_layers must be >= 0, got {self.num_layers}")
         if self.draft_vocab_size is not None:
-            if self.shared_lm_head:
-                raise SpecHeadsError("a truncated draft vocabulary needs own LM heads (shared_lm_head=False)")
             if not 1 <= self.draft_vocab_size <= self.vocab_size:
                 raise SpecHeadsError(f"draft_vocab_size must be in [1, {self.vocab_size}], got {self.draft_vocab_size}")
 
@@ -114,8 +114,16 @@ class MedusaHeads(nn.Module):
         if self.lm_heads is None:
             if lm_head_weight is None:
                 raise ValueError("shared_lm_head heads need the verifier's lm_head weight")
-            return torch.stack([nn.functional.linear(f, lm_head_weight) for f in feats])
+            rows = self.shared_rows(lm_head_weight)
+            return torch.stack([nn.functional.linear(f, rows) for f in feats])
         return torch.stack([head(f) for head, f in zip(self.lm_heads, feats)])
+
+    def shared_rows(self, lm_head_weight: torch.Tensor) -> torch.Tensor:
+        """The verifier's LM-head rows this shared head scores: all, or the draft vocabulary's.
+        Callers that score often pass the rows already cut (a [draft_vocab, H] weight)."""
+        if self.token_map is None or lm_head_weight.shape[0] == self.token_map.numel():
+            return lm_head_weight
+        return lm_head_weight[self.token_map.to(lm_head_weight.device)]
 
     def to_verifier_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids if self.token_map is None else self.token_map[draft_ids]
@@ -150,7 +158,8 @@ class MedusaDrafter:
     def __init__(self, heads: MedusaHeads, verifier, tree: str | list = "chain"):
         self.heads = heads.eval().to(verifier.device, verifier.dtype)
         self.heads.requires_grad_(False)
-        self.lm_head_weight = verifier.model.get_output_embeddings().weight
+        # A shared head over a truncated vocabulary: cut the verifier's rows once, not per step.
+        self.lm_head_weight = self.heads.shared_rows(verifier.model.get_output_embeddings().weight) if self.heads.lm_heads is None else None
         self.tree = tree
         self.paths = tree_paths(tree, heads.config.num_heads)
         self.max_rank = max((max(p) for p in self.paths), default=0) + 1

@@ -111,7 +111,7 @@ class MedusaObjective:
         for layer in block["layers"]:
             x = layer(x)
         if heads.lm_heads is None:
-            return nn.functional.linear(x, self.verifier.model.get_output_embeddings().weight)
+            return nn.functional.linear(x, heads.shared_rows(self.verifier.model.get_output_embeddings().weight))
         return heads.lm_heads[k](x)
 
     def _draft_labels(self, labels: torch.Tensor) -> torch.Tensor:
