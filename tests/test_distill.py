@@ -338,3 +338,59 @@ def test_bench_names_the_draft_length_with_the_best_measured_speedup():
     winner = max(swept, key=lambda n: swept[n]["speedup"])
     assert best["method"] == winner and best["num_draft_tokens"] == swept[winner]["num_draft_tokens"]
     assert f"best draft length by measured speedup: k={best['num_draft_tokens']}" in markdown_table(report)
+
+
+DDP_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import make_verifier
+from test_distill import counting_data, recipe
+from specheads.training.loop import train
+torch.set_num_threads(1)
+train(recipe({out!r}, "training.max_steps=8", "training.save_every=100", "training.eval_every=8", "training.log_every=1", *{extra!r}),
+      verifier=make_verifier("llama", seed=0), datasets=(counting_data(32, 0), counting_data(8, 1)), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_on_policy_runs_under_ddp(tmp_path):
+    """DDP over two gloo processes: the same losses as one process at the same global batch; with
+    on-policy data each process generates for its own slice."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    losses = {}
+    for procs, extra in ((1, ()), (2, ()), (2, ("objective.on_policy_fraction=0.5", "objective.on_policy_max_new_tokens=4"))):
+        out = tmp_path / f"p{procs}-{len(extra)}"
+        script = tmp_path / f"run{procs}-{len(extra)}.py"
+        script.write_text(DDP_SCRIPT.format(tests=tests, out=str(out), extra=extra))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs)]
+        cmd += ["--multi_gpu"] if procs > 1 else ["--cpu"]
+        env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd + [str(script)], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert AutoModelForCausalLM.from_pretrained(out / "drafter") is not None
+        summary = json.loads((out / "training_summary.json").read_text())
+        losses[(procs, bool(extra))] = [h["loss"] for h in summary["history"] if "loss" in h]
+    one, two = losses[(1, False)], losses[(2, False)]
+    assert len(one) == len(two) == 8
+    assert abs(one[0] - two[0]) < 1e-5  # same weights, same global batch: the global-token mean agrees
+    torch.testing.assert_close(torch.tensor(one), torch.tensor(two), atol=0, rtol=3e-2)
+
+
+def test_table_script_builds_a_fixed_dataset_the_verifier_did_not_write():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "distill_table.py")
+    spec = importlib.util.spec_from_file_location("distill_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    records = table.docstring_conversations(20)
+    assert len(records) == 20 and len({r["messages"][0]["content"] for r in records}) == 20
+    assert all([t["role"] for t in r["messages"]] == ["user", "assistant"] and len(r["messages"][1]["content"]) >= 120 for r in records)
+    class Args:
+        fixed_path, on_policy_fraction, set = "/x/fixed.jsonl", 1.0, ["training.max_steps=3"]
+    assert "data.self_distill=null" in table.cell_overrides("tvd", "fixed", Args, "/out/cell")
+    assert "objective.on_policy_fraction=1.0" in table.cell_overrides("tvd", "on_policy", Args, "/out/cell")
+    assert table.cell_overrides("fkl", "verifier", Args, "/out/cell")[-1] == "training.max_steps=3"  # user overrides win
