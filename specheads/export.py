@@ -33,9 +33,6 @@ from safetensors.torch import save_file
 from .checkpoint import CONFIG, WEIGHTS, atomic_directory, check_verifier
 from .errors import SpecHeadsError
 
-# Keys vLLM's MedusaConfig reads after its renaming; an exported config holds exactly these
-# (plus model_type / architectures).
-VLLM_MEDUSA_KEYS = ("hidden_size", "vocab_size", "num_heads", "num_hidden_layers", "medusa_fc_bias", "original_lm_head")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -51,7 +48,7 @@ class VllmExport:
     max_speculative_tokens: int | None = None  # Medusa: its number of heads; None = no limit
 
     def speculative_config(self, num_speculative_tokens: int | None = None) -> dict:
-        k = num_speculative_tokens or self.max_speculative_tokens or 3
+        k = num_speculative_tokens or self.max_speculative_tokens or 3  # a draft model has no limit: 3 as vLLM's examples
         if self.max_speculative_tokens is not None and k > self.max_speculative_tokens:
             raise SpecHeadsError(
                 f"num_speculative_tokens={k} exceeds the {self.max_speculative_tokens} heads of the {self.method} "
@@ -252,6 +249,9 @@ def _export_draft_model(source: Path, config: dict, out: Path, ref: _VerifierRef
         del model.config.specheads  # specheads-only metadata; vLLM's config parsing has no use for it
     vocab = model.get_output_embeddings().weight.shape[0]
     verifier = ref.get("checking the draft model's vocabulary") if ref.given else None
+    recorded = (config.get("specheads") or {}).get("verifier")
+    if verifier is not None and recorded:  # a distilled draft model records the verifier it learnt from
+        check_verifier(recorded, verifier, source)
     if verifier is not None and vocab != verifier.vocab_size:
         raise SpecHeadsError(f"draft model {source} has vocabulary size {vocab} but verifier '{verifier.name}' has {verifier.vocab_size}: vLLM's draft_model method needs the verifier's vocabulary")
     model.save_pretrained(out, safe_serialization=True)

@@ -191,7 +191,7 @@ def test_speculative_config_refuses_more_tokens_than_heads(llama, tmp_path):
 
 
 # -- draft models -------------------------------------------------------------------------------
-def save_draft_model(folder, *, specheads_block=True, vocab=None):
+def save_draft_model(folder, *, specheads_block=True, vocab=None, verifier_info=None):
     from tiny_text import VOCAB_SIZE, char_tokenizer
 
     model = make_model("llama", seed=3, vocab=vocab or VOCAB_SIZE)
@@ -199,7 +199,8 @@ def save_draft_model(folder, *, specheads_block=True, vocab=None):
     char_tokenizer().save_pretrained(folder)
     if specheads_block:  # as specheads' distillation writes it
         config = json.loads((folder / "config.json").read_text())
-        config["specheads"] = {"format_version": 1, "drafter_kind": "draft_model", "hyper_parameters": {"num_hidden_layers": 2}, "verifier": {"name": "tiny"}}
+        config["specheads"] = {"format_version": 1, "drafter_kind": "draft_model", "hyper_parameters": {"num_hidden_layers": 2},
+                               "verifier": verifier_info or {"name": "tiny"}}
         (folder / "config.json").write_text(json.dumps(config))
     return model
 
@@ -225,6 +226,15 @@ def test_draft_model_round_trip(tmp_path, specheads_block):
 def test_draft_model_with_another_vocabulary_is_refused(llama, tmp_path):
     save_draft_model(tmp_path / "student", specheads_block=False, vocab=llama.vocab_size + 5)
     with pytest.raises(SpecHeadsError, match="vocabulary size"):
+        export_vllm(tmp_path / "student", tmp_path / "vllm", verifier=llama)
+    assert not (tmp_path / "vllm").exists()
+
+
+def test_distilled_draft_model_for_another_verifier_is_refused(llama, tmp_path):
+    from specheads.checkpoint import verifier_info
+
+    save_draft_model(tmp_path / "student", vocab=llama.vocab_size, verifier_info=verifier_info(cached_verifier("llama", 1)))
+    with pytest.raises(SpecHeadsError, match="trained for"):
         export_vllm(tmp_path / "student", tmp_path / "vllm", verifier=llama)
     assert not (tmp_path / "vllm").exists()
 
