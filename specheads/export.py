@@ -15,6 +15,10 @@ implies for the folder:
   target's head: the export writes the verifier's);
 - own LM heads are built over the full vocabulary, and ``truncated_vocab_size`` + ``token_map``
   load only with the shared head: own heads over a truncated draft vocabulary cannot be served;
+- its loader registers ``token_map`` as a parameter without reporting it loaded, so its strict
+  check fails every truncated folder ("weights were not initialized from checkpoint:
+  {'token_map'}"): such a folder is served with ``model_loader_extra_config=
+  {"enable_weights_track": false}``, which ``VllmExport.engine_args`` carries;
 - ``num_speculative_tokens`` replaces ``num_heads``: serve with at most ``num_heads`` tokens.
 """
 
@@ -23,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +50,7 @@ class VllmExport:
     path: Path
     method: str  # speculative_config["method"]
     max_speculative_tokens: int | None = None  # Medusa: its number of heads; None = no limit
+    engine_args: dict = field(default_factory=dict)  # further LLM(...) arguments vLLM needs to load it
 
     def speculative_config(self, num_speculative_tokens: int | None = None) -> dict:
         k = num_speculative_tokens or self.max_speculative_tokens or 3  # a draft model has no limit: 3 as vLLM's examples
@@ -79,8 +84,9 @@ class _VerifierRef:
         return self._given
 
 
-# kind -> exporter(source dir, its config.json, output (temp) dir, verifier ref) -> (method, max tokens)
-Exporter = Callable[[Path, dict, Path, _VerifierRef], "tuple[str, int | None]"]
+# kind -> exporter(source dir, its config.json, output (temp) dir, verifier ref)
+#   -> (method, max speculative tokens or None, engine args)
+Exporter = Callable[[Path, dict, Path, _VerifierRef], "tuple[str, int | None, dict]"]
 VLLM_EXPORTERS: dict[str, Exporter] = {}
 
 
@@ -136,10 +142,10 @@ def export_vllm(drafter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, v
     result: dict = {}
 
     def write(tmp: Path) -> None:
-        result["method"], result["max"] = VLLM_EXPORTERS[kind](source, config, tmp, ref)
+        result["method"], result["max"], result["engine_args"] = VLLM_EXPORTERS[kind](source, config, tmp, ref)
 
     atomic_directory(out, write)
-    return VllmExport(out.resolve(), result["method"], result["max"])  # absolute: vLLM may run elsewhere
+    return VllmExport(out.resolve(), result["method"], result["max"], result["engine_args"])  # absolute: vLLM may run elsewhere
 
 
 # -- Medusa -------------------------------------------------------------------------------------
@@ -151,7 +157,7 @@ def check_vllm_medusa_config(config: dict) -> None:
 
 
 @register_vllm_exporter("medusa")
-def _export_medusa(source: Path, config: dict, out: Path, ref: _VerifierRef) -> tuple[str, int]:
+def _export_medusa(source: Path, config: dict, out: Path, ref: _VerifierRef) -> tuple[str, int, dict]:
     from .drafters.medusa import KIND, MedusaConfig, load_medusa_heads
 
     hp = config["specheads"].get("hyper_parameters") or {}
@@ -197,7 +203,8 @@ def _export_medusa(source: Path, config: dict, out: Path, ref: _VerifierRef) -> 
     check_vllm_medusa_config(vllm_config)
     save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(vllm_config, indent=2))
-    return KIND, cfg.num_heads
+    truncated = "truncated_vocab_size" in vllm_config  # see the module docstring: vLLM's strict check misses token_map
+    return KIND, cfg.num_heads, ({"model_loader_extra_config": {"enable_weights_track": False}} if truncated else {})
 
 
 def _full_vocab_rows(source: Path, cfg, token_map: torch.Tensor, rows: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -235,7 +242,7 @@ def _check_recorded_vllm_keys(source: Path, config: dict, cfg) -> None:
 
 # -- draft model --------------------------------------------------------------------------------
 @register_vllm_exporter("draft_model")
-def _export_draft_model(source: Path, config: dict, out: Path, ref: _VerifierRef) -> tuple[str, None]:
+def _export_draft_model(source: Path, config: dict, out: Path, ref: _VerifierRef) -> tuple[str, None, dict]:
     """A causal LM folder -> a plain ``save_pretrained`` folder (safetensors, tokenizer, no specheads keys)."""
     from transformers import AutoModelForCausalLM
 
@@ -262,4 +269,4 @@ def _export_draft_model(source: Path, config: dict, out: Path, ref: _VerifierRef
         tokenizer = ref.get("copying the tokenizer").tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-    return "draft_model", None
+    return "draft_model", None, {}

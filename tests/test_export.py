@@ -63,7 +63,7 @@ def test_medusa_own_heads_round_trip(llama, tmp_path, bias):
     heads = random_heads(llama, num_heads=3, num_layers=2, bias=bias)
     save_medusa(tmp_path / "ckpt", heads, llama)
     export = export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
-    assert (export.method, export.max_speculative_tokens) == ("medusa", 3)
+    assert (export.method, export.max_speculative_tokens, export.engine_args) == ("medusa", 3, {})
     config, tensors = exported(tmp_path / "vllm")
     assert config == {
         "model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": H, "vocab_size": llama.vocab_size,
@@ -94,7 +94,9 @@ def test_medusa_shared_head_writes_the_verifiers_head(llama, tmp_path):
 def test_medusa_shared_head_over_a_truncated_vocabulary(llama, tmp_path):
     heads = random_heads(llama, num_heads=2, shared_lm_head=True, draft_vocab_size=20)
     save_medusa(tmp_path / "ckpt", heads, llama)
-    export_vllm(tmp_path / "ckpt", tmp_path / "vllm", verifier=llama)
+    export = export_vllm(tmp_path / "ckpt", tmp_path / "vllm", verifier=llama)
+    # vLLM 0.32 registers token_map while loading without reporting it: its strict check must be off
+    assert export.engine_args == {"model_loader_extra_config": {"enable_weights_track": False}}
     config, tensors = exported(tmp_path / "vllm")
     assert config["original_lm_head"] is True and config["truncated_vocab_size"] == 20
     torch.testing.assert_close(tensors["token_map"], heads.token_map, rtol=0, atol=0)
