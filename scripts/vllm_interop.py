@@ -33,9 +33,12 @@ The drafters (none trained on a fresh machine, all deterministic):
   of the verifier's head so no two logits tie: acceptance is high where fitted and low elsewhere,
   so every draft position has both accepts and rejects to agree on, in seconds instead of a
   training run. ``--medusa DIR`` uses a trained checkpoint instead.
-- ``medusa-shared``: heads sharing the verifier's LM head (exported as ``original_lm_head``) with
-  seeded random biased blocks; they mostly re-predict the pending token, so acceptance is low
-  (repeated tokens only); it proves the shared-head layout loads and decodes identically.
+- ``medusa-shared-truncated``: heads sharing the verifier's LM head over a truncated draft
+  vocabulary (every token of these prompts and answers), with seeded random biased blocks:
+  exported as ``original_lm_head`` + ``truncated_vocab_size`` + ``token_map`` and loaded with the
+  export's ``engine_args`` (vLLM 0.32's strict weight check misses ``token_map``). They mostly
+  re-predict the pending token, so acceptance is low (repeated tokens only); it proves that
+  layout loads and decodes identically.
 - ``draft-model``: a draft model cut from the verifier (``--draft-layers``, default every:6),
   untrained; ``--draft-model DIR`` uses a trained one instead.
 
@@ -178,8 +181,10 @@ def specheads_side(args) -> int:
     else:
         heads = fitted_medusa_heads(verifier, list(zip(ids, plain)), args.k)
         sources["medusa-fit"] = save_medusa(work / "drafters" / "medusa-fit", heads, verifier)
-    shared = seeded_blocks(MedusaHeads(MedusaConfig(verifier.hidden_size, verifier.vocab_size, num_heads=args.k, shared_lm_head=True, bias=True)))
-    sources["medusa-shared"] = save_medusa(work / "drafters" / "medusa-shared", shared, verifier)
+    draft_vocab = torch.tensor(sorted({t for seq in ids + plain for t in seq}))
+    shared = seeded_blocks(MedusaHeads(MedusaConfig(verifier.hidden_size, verifier.vocab_size, num_heads=args.k, shared_lm_head=True,
+                                                    draft_vocab_size=draft_vocab.numel(), bias=True), token_map=draft_vocab))
+    sources["medusa-shared-truncated"] = save_medusa(work / "drafters" / "medusa-shared-truncated", shared, verifier)
     if args.draft_model:
         sources["draft-model"] = Path(args.draft_model)
     else:
@@ -200,6 +205,7 @@ def specheads_side(args) -> int:
         drafters[name] = {
             "source": str(source),
             "speculative_config": export.speculative_config(args.k),
+            "engine_args": export.engine_args,
             "outputs": outs,
             "steps": steps,
             "own_stats": {"drafted_at": stats.drafted_at, "accepted_at": stats.accepted_at, "tau": stats.tau},
@@ -253,14 +259,14 @@ def spec_metrics(llm) -> dict:
     return values
 
 
-def run_vllm(target: str, prompt_ids: list[list[int]], max_tokens: int, speculative_config: dict | None):
+def run_vllm(target: str, prompt_ids: list[list[int]], max_tokens: int, speculative_config: dict | None, engine_args: dict | None = None):
     """(outputs, spec-decode counter deltas, engine start seconds, generate seconds) of one engine."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     t = time.perf_counter()
     llm = LLM(model=target, dtype="float32", max_model_len=512, max_num_seqs=4, enforce_eager=True,
-              disable_log_stats=False, seed=SEED, speculative_config=speculative_config)
+              disable_log_stats=False, seed=SEED, speculative_config=speculative_config, **(engine_args or {}))
     started = time.perf_counter() - t
     before = spec_metrics(llm)
     t = time.perf_counter()
@@ -307,7 +313,7 @@ def vllm_side(args) -> int:
 
     rows = []
     for name, d in data["drafters"].items():
-        outs, delta, started, generated = run_vllm(data["verifier"], prompt_ids, n, d["speculative_config"])
+        outs, delta, started, generated = run_vllm(data["verifier"], prompt_ids, n, d["speculative_config"], d.get("engine_args"))
         timings.append(f"{name}: engine start {started:.0f}s, generate {generated:.1f}s")
         ours = [o[:n] for o in d["outputs"]]
         checks = {
@@ -349,13 +355,13 @@ def print_report(data, vllm_version, plain, reference, rows, timings, t_spechead
     print(f"\nvLLM {vllm_version} (CPU) vs specheads, verifier {data['verifier']}: {num} prompts, {n} new tokens, greedy, "
           f"top-1 chains of k={k} drafts")
     print(f"vLLM plain == specheads plain: {sum(a == b for a, b in zip(plain, reference))}/{num} prompts")
-    print(f"\n{'drafter':<15}{'pos':>4}  {'vLLM acc/drafts':>16} {'rate':>6}  {'specheads acc/drafts':>21} {'rate':>6}  {'|diff|':>6}  ok   specheads whole run")
+    print(f"\n{'drafter':<24}{'pos':>4}  {'vLLM acc/drafts':>16} {'rate':>6}  {'specheads acc/drafts':>21} {'rate':>6}  {'|diff|':>6}  ok   specheads whole run")
     for name, pos, theirs, mine, rv, rs, ok, own in rows:
         if pos is None:
             same = ", ".join(f"{what}: {v}/{num}" for what, v in theirs.items())
-            print(f"{name:<15}     identical outputs: {same}\n")
+            print(f"{name:<24}     identical outputs: {same}\n")
             continue
-        print(f"{name:<15}{pos:>4}  {theirs['accepted_per_pos'][pos - 1]:>8}/{theirs['drafts']:<7} {rv:>6.3f}  "
+        print(f"{name:<24}{pos:>4}  {theirs['accepted_per_pos'][pos - 1]:>8}/{theirs['drafts']:<7} {rv:>6.3f}  "
               f"{mine['accepted_per_pos'][pos - 1]:>13}/{mine['drafts']:<7} {rs:>6.3f}  {abs(rv - rs):>6.3f}  {'yes' if ok else 'NO ':<3}  {own}")
     print(f"(tolerance on |rate diff|: {tolerance}; specheads whole run = its own DecodingStats, drafting fewer near the end)")
     print("\ntimings: specheads side " + f"{t_specheads:.0f}s; " + "; ".join(timings) + f"; total {total:.0f}s")
