@@ -78,7 +78,8 @@ def save_drafter(
     return atomic_directory(path, write)
 
 
-def read_config(path: str | os.PathLike) -> dict:
+def read_json_config(path: str | os.PathLike) -> dict:
+    """A drafter folder's config.json as a dict: any drafter kind, or a plain model folder."""
     path = Path(path)
     if not path.is_dir():
         raise SpecHeadsError(f"drafter checkpoint not found: {path}")
@@ -87,10 +88,18 @@ def read_config(path: str | os.PathLike) -> dict:
         raise SpecHeadsError(f"drafter checkpoint {path} has no {CONFIG}")
     try:
         config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (OSError, json.JSONDecodeError) as exc:
         raise SpecHeadsError(f"drafter config {cfg_path} is corrupt: {exc}") from exc
+    if not isinstance(config, dict):
+        raise SpecHeadsError(f"drafter config {cfg_path} is corrupt: not a JSON object")
+    return config
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The config of a specheads drafter checkpoint (it has the ``specheads`` block)."""
+    config = read_json_config(path)
     if "specheads" not in config or "drafter_kind" not in config["specheads"]:
-        raise SpecHeadsError(f"{cfg_path} is not a specheads drafter config (no 'specheads.drafter_kind')")
+        raise SpecHeadsError(f"{Path(path) / CONFIG} is not a specheads drafter config (no 'specheads.drafter_kind')")
     return config
 
 

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CONFIG, WEIGHTS, atomic_directory, check_verifier
+from .checkpoint import CONFIG, WEIGHTS, atomic_directory, check_verifier, read_json_config
 from .errors import SpecHeadsError
 
 TOKENIZER_FILES = (
@@ -108,21 +108,6 @@ def drafter_kind(config: dict, source: Path) -> str:
     raise SpecHeadsError(f"{source / CONFIG} is neither a specheads drafter checkpoint (no 'specheads.drafter_kind') nor a model config (no 'model_type')")
 
 
-def read_json_config(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise SpecHeadsError(f"drafter checkpoint not found: {folder}")
-    path = folder / CONFIG
-    if not path.is_file():
-        raise SpecHeadsError(f"drafter checkpoint {folder} has no {CONFIG}")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SpecHeadsError(f"drafter config {path} is corrupt: {exc}") from exc
-    if not isinstance(config, dict):
-        raise SpecHeadsError(f"drafter config {path} is corrupt: not a JSON object")
-    return config
-
-
 def export_vllm(drafter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, verifier=None) -> VllmExport:
     """Write the vLLM folder for the drafter in ``drafter_dir`` to ``out_dir`` (replaced atomically).
 
@@ -158,7 +143,7 @@ def check_vllm_medusa_config(config: dict) -> None:
 
 @register_vllm_exporter("medusa")
 def _export_medusa(source: Path, config: dict, out: Path, ref: _VerifierRef) -> tuple[str, int, dict]:
-    from .drafters.medusa import KIND, MedusaConfig, load_medusa_heads
+    from .drafters.medusa import KIND, MedusaConfig, load_medusa_heads, vllm_medusa_keys
 
     hp = config["specheads"].get("hyper_parameters") or {}
     unknown = sorted(set(hp) - {f.name for f in fields(MedusaConfig)} - {"training"})
@@ -188,16 +173,7 @@ def _export_medusa(source: Path, config: dict, out: Path, ref: _VerifierRef) -> 
         for h, w in enumerate(rows):
             tensors[f"lm_heads.{h}.weight"] = w
 
-    vllm_config = {
-        "model_type": "medusa",
-        "architectures": ["MedusaModel"],
-        "hidden_size": cfg.hidden_size,
-        "vocab_size": cfg.vocab_size,
-        "num_heads": cfg.num_heads,
-        "num_hidden_layers": cfg.num_layers,
-        "medusa_fc_bias": cfg.bias,
-        "original_lm_head": cfg.shared_lm_head,
-    }
+    vllm_config = {**vllm_medusa_keys(cfg), "medusa_fc_bias": cfg.bias, "original_lm_head": cfg.shared_lm_head}
     if cfg.shared_lm_head and heads.token_map is not None:
         vllm_config["truncated_vocab_size"] = int(heads.token_map.numel())
     check_vllm_medusa_config(vllm_config)

@@ -187,10 +187,9 @@ class MedusaDrafter:
         pass
 
 
-def save_medusa(path, heads: MedusaHeads, verifier, training: dict | None = None):
-    cfg = heads.config
-    state = {k: v for k, v in heads.state_dict().items()}
-    extra = {  # the keys vLLM's Medusa config reads, so the folder is close to servable as is
+def vllm_medusa_keys(cfg: MedusaConfig) -> dict:
+    """The shape keys vLLM's Medusa config reads (the export adds the bias and LM-head flags)."""
+    return {
         "model_type": "medusa",
         "architectures": ["MedusaModel"],
         "hidden_size": cfg.hidden_size,
@@ -198,6 +197,12 @@ def save_medusa(path, heads: MedusaHeads, verifier, training: dict | None = None
         "num_heads": cfg.num_heads,
         "num_hidden_layers": cfg.num_layers,
     }
+
+
+def save_medusa(path, heads: MedusaHeads, verifier, training: dict | None = None):
+    cfg = heads.config
+    state = {k: v for k, v in heads.state_dict().items()}
+    extra = vllm_medusa_keys(cfg)  # so the folder is close to servable as is
     hp = asdict(cfg)
     if training:
         hp["training"] = training
