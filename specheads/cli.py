@@ -174,7 +174,7 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     if args.output_dir:
         recipe.training.output_dir = args.output_dir
-    train(recipe, resume=args.resume)
+    train(recipe, resume=args.resume, data_only=args.data_only)
     return 0
 
 
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. training.max_steps=50 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir (same data order, optimizer and scheduler state)")
     p.add_argument("--output-dir", default=None, help="override training.output_dir")
+    p.add_argument("--data-only", action="store_true", help="stop once the data is ready: self-distil (every process "
+                   "answers its share under accelerate launch) and split it, without training")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a drafter as the folder vLLM loads (--format vllm)",

@@ -345,3 +345,64 @@ def test_smollm2_batched_greedy_equals_unbatched(smollm2, tmp_path):
         expected = expected if stop is None else expected[: stop + 1]
         assert rec["prompt_length"] == len(ids)
         assert rec["input_ids"] == ids + expected
+
+
+SPLIT_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from accelerate import Accelerator
+from test_data import PROMPTS, tiny_verifier
+from specheads.training.data import generate_self_distillation
+acc = Accelerator(cpu=True)
+ds = generate_self_distillation(tiny_verifier(0), PROMPTS + {extra!r}, {out!r}, max_new_tokens=12, batch_size=3,
+                                shard_size=2, progress=False, accelerator=acc)
+assert ds.num_rows == {total}, ds.num_rows  # every process reads the whole folder back
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_shards_and_write_the_same_folder_as_one(verifier, tmp_path):
+    """Under accelerate, each process answers its share of the shards; the folder (records, their
+    order, the manifest's list) equals a one-process run's, and a resumed two-process run adds
+    only what is missing."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    extra = ["say yes.", "name a colour.", "what is 2+2?"]
+    one = run(verifier, PROMPTS + extra, tmp_path / "one")
+    out = tmp_path / "two"
+    run(verifier, PROMPTS[:2], out)  # already stored: the two processes must skip these
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT_SCRIPT.format(tests=tests, out=str(out), extra=extra, total=len(PROMPTS) + len(extra)))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", str(script)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = load_self_distilled(out)
+    key = lambda r: r["prompt_id"]
+    assert sorted(rows(two), key=key) == sorted(rows(one), key=key)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == len(PROMPTS) + len(extra)
+    assert [s["name"] for s in manifest["shards"]] == sorted(p.name for p in (out / "shards").iterdir())
+    assert manifest["runs"][-1]["num_processes"] == 2
+    assert manifest["runs"][-1]["prompts"] == len(PROMPTS) + len(extra) - 2
+    assert not [p for p in out.rglob(".tmp-*")]
+
+
+def test_data_only_run_self_distils_the_recipe_and_trains_nothing(verifier, tmp_path):
+    from specheads.training.loop import train
+    from specheads.training.recipe import load_recipe
+
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    recipe = load_recipe(None, [
+        f"training.output_dir={tmp_path / 'run'}", f"data.self_distill.output_dir={tmp_path / 'sd'}",
+        f"data.self_distill.prompts={source}", "data.self_distill.max_new_tokens=8", "data.self_distill.batch_size=3",
+        "data.eval_fraction=0.2",
+    ])
+    where = train(recipe, verifier=verifier, data_only=True, progress=False)
+    assert where == str(tmp_path / "sd")
+    assert load_self_distilled(where).num_rows == len(PROMPTS)
+    assert not (tmp_path / "run" / "drafter").exists() and not (tmp_path / "run" / "checkpoints").exists()

@@ -19,7 +19,10 @@ stored under ``output_dir``::
 A run is resumable and appendable: prompts whose ``prompt_id`` (sha1 of the prompt) is already in
 a shard are skipped, so an interrupted run redoes at most its unfinished shard, and a run with new
 prompts adds shards. A directory made by another verifier or with other generation settings is
-refused. Only one process may write to an ``output_dir`` at a time.
+refused. Only one run may write to an ``output_dir`` at a time; one run may span several
+processes (``accelerator``, e.g. under ``accelerate launch``): the run's shards are named before
+any is written and shard ``c`` goes to process ``c mod N``, so the folder holds the same records
+whatever N is, and N processes generate about N times as fast.
 
 Prompts are processed one shard (``shard_size`` prompts) at a time; within a shard they are sorted
 by length so each batch pads little, and the shard's records are stored in input order. A batch
@@ -343,6 +346,7 @@ def generate_self_distillation(
     seed: int = 0,
     shard_size: int = 64,
     progress: bool = True,
+    accelerator=None,
 ):
     """Let the verifier answer ``prompts`` and store the conversations under ``output_dir``.
 
@@ -352,7 +356,8 @@ def generate_self_distillation(
     ``messages`` (the prompt's turns plus the assistant's answer), ``input_ids`` (the encoded
     prompt followed by the answer ids, ending with eos when one was produced) and
     ``prompt_length``. Greedy when ``temperature`` is 0; otherwise sampled with temperature and
-    top-p, seeded per batch from ``seed``.
+    top-p, seeded per batch from ``seed``. Every process of ``accelerator`` must call this with the
+    same arguments; each answers its share of the shards, and all return the whole folder.
     """
     from datasets import Dataset
     from tqdm.auto import tqdm
@@ -396,8 +401,17 @@ def generate_self_distillation(
                 f"output_dir {output_dir} was generated with settings {manifest.get('generation')}, "
                 f"but this run asks for {settings}: use the same settings or another output_dir"
             )
-    (output_dir / SHARDS).mkdir(parents=True, exist_ok=True)
-    _clean_tmp(output_dir)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    is_main = rank == 0
+
+    def barrier():
+        if world > 1:
+            accelerator.wait_for_everyone()
+
+    if is_main:
+        (output_dir / SHARDS).mkdir(parents=True, exist_ok=True)
+        _clean_tmp(output_dir)
+    barrier()  # every process reads the folder only after the main process has cleaned it
 
     # What is already stored (the shard folders are the truth; the manifest is rewritten to match).
     done: set[str] = set()
@@ -408,10 +422,12 @@ def generate_self_distillation(
         shard_list.append({"name": path.name, "count": len(ids)})
     listed = {s["name"] for s in manifest.get("shards", [])}
     missing = listed - {s["name"] for s in shard_list}
-    if missing:
+    if missing and is_main:
         logger.warning("shards listed in %s but missing on disk (their prompts are redone): %s", output_dir / MANIFEST, sorted(missing))
     manifest["shards"], manifest["count"] = shard_list, sum(s["count"] for s in shard_list)
-    _write_json_atomic(output_dir / MANIFEST, manifest)
+    if is_main:
+        _write_json_atomic(output_dir / MANIFEST, manifest)
+    barrier()  # all have listed the same shards before any process writes a new one
 
     todo, seen = [], set(done)
     for p in prompts:
@@ -428,10 +444,12 @@ def generate_self_distillation(
     features = _features()
     stats = {"prompts": 0, "generated_tokens": 0, "generate_seconds": 0.0, "too_long": 0}
     started = time.perf_counter()
-    bar = tqdm(total=len(todo), disable=not progress, unit="prompt", desc="self-distillation")
+    # This process's shards; the name of shard c is fixed by c alone, whichever process writes it.
+    mine = [(c, todo[start: start + shard_size]) for c, start in enumerate(range(0, len(todo), shard_size)) if c % world == rank]
+    desc = "self-distillation" if world == 1 else f"self-distillation (process 0 of {world})"
+    bar = tqdm(total=sum(len(chunk) for _, chunk in mine), disable=not (progress and is_main), unit="prompt", desc=desc)
     try:
-        for start in range(0, len(todo), shard_size):
-            chunk = todo[start: start + shard_size]
+        for c, chunk in mine:
             encoded = []
             for pid, p in chunk:
                 ids = verifier.encode(p)
@@ -463,28 +481,41 @@ def generate_self_distillation(
                 records["messages"].append(turns + [{"role": "assistant", "content": answer_text}])
                 records["input_ids"].append(list(ids) + answers[i])
                 records["prompt_length"].append(len(ids))
-            name = f"shard-{next_index:05d}"
-            next_index += 1
+            name = f"shard-{next_index + c:05d}"
             tmp = output_dir / SHARDS / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
             with _quiet_datasets():
                 Dataset.from_dict(records, features=features).save_to_disk(str(tmp))
             os.replace(tmp, output_dir / SHARDS / name)  # a shard exists complete or not at all
-            manifest["shards"].append({"name": name, "count": len(encoded)})
-            manifest["count"] += len(encoded)
             stats["prompts"] += len(encoded)
-            _write_json_atomic(output_dir / MANIFEST, manifest)
+            if world == 1:  # keeps the manifest current during a long run; with several writers the main process lists all at the end
+                manifest["shards"].append({"name": name, "count": len(encoded)})
+                manifest["count"] += len(encoded)
+                _write_json_atomic(output_dir / MANIFEST, manifest)
     finally:
         bar.close()
-    total = time.perf_counter() - started
+    stats["wall_seconds"] = time.perf_counter() - started
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        every = gather_object([stats])
+        stats = {k: sum(s[k] for s in every) for k in ("prompts", "generated_tokens", "too_long")}
+        stats["generate_seconds"] = max(s["generate_seconds"] for s in every)  # the processes ran side by side
+        stats["wall_seconds"] = max(s["wall_seconds"] for s in every)
+        barrier()
     tps = stats["generated_tokens"] / stats["generate_seconds"] if stats["generate_seconds"] > 0 else 0.0
-    run = {
-        "prompts": stats["prompts"], "skipped_already_stored": skipped_done, "skipped_too_long": stats["too_long"],
-        "generated_tokens": stats["generated_tokens"], "generate_seconds": round(stats["generate_seconds"], 3),
-        "tokens_per_s": round(tps, 2), "wall_seconds": round(total, 3), "batch_size": batch_size,
-        "dtype": str(verifier.dtype).replace("torch.", ""), "device": str(verifier.device),
-    }
-    manifest.setdefault("runs", []).append(run)
-    _write_json_atomic(output_dir / MANIFEST, manifest)
+    if is_main:
+        if world > 1:
+            shard_list = [{"name": p.name, "count": _load_shard(p).num_rows} for p in _shard_dirs(output_dir)]
+            manifest["shards"], manifest["count"] = shard_list, sum(s["count"] for s in shard_list)
+        run = {
+            "prompts": stats["prompts"], "skipped_already_stored": skipped_done, "skipped_too_long": stats["too_long"],
+            "generated_tokens": stats["generated_tokens"], "generate_seconds": round(stats["generate_seconds"], 3),
+            "tokens_per_s": round(tps, 2), "wall_seconds": round(stats["wall_seconds"], 3), "batch_size": batch_size,
+            "num_processes": world, "dtype": str(verifier.dtype).replace("torch.", ""), "device": str(verifier.device),
+        }
+        manifest.setdefault("runs", []).append(run)
+        _write_json_atomic(output_dir / MANIFEST, manifest)
+    barrier()  # the manifest is complete before any process reads the folder back
     message = (
         f"self-distillation: {stats['prompts']} prompts answered ({skipped_done} already stored"
         + (f", {stats['too_long']} skipped: prompt + max_new_tokens > context {max_context}" if stats["too_long"] else "")
@@ -492,7 +523,7 @@ def generate_self_distillation(
         f"{manifest['count']} records in {output_dir}"
     )
     logger.info(message)
-    if progress:
+    if progress and is_main:
         print(f"[specheads] {message}", file=sys.stderr, flush=True)
     return load_self_distilled(output_dir)
 

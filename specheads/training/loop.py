@@ -74,11 +74,13 @@ def build_token_map(train, vocab_size: int, draft_vocab_size: int) -> torch.Tens
     return top.sort().values
 
 
-def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None, progress: bool = True) -> str:
+def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None, progress: bool = True,
+          data_only: bool = False) -> str:
     """Run a recipe; returns the path of the final drafter checkpoint.
 
     ``verifier`` and ``datasets`` (train, eval) may be passed in (tests, notebooks); by default
-    they come from the recipe.
+    they come from the recipe. ``data_only`` stops once the data is ready (self-distilled and
+    split) and returns its folder: generate on many processes first, train later.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -106,6 +108,12 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
     train_ds, eval_ds = datasets
     if len(train_ds) == 0:
         raise SpecHeadsError("the training dataset is empty")
+    if data_only:
+        where = recipe.data.conversations or recipe.data.self_distill.output_dir
+        if main and progress:
+            print(f"[specheads] data ready: {len(train_ds)} train + {len(eval_ds)} eval conversations from {where}", flush=True)
+        accelerator.end_training()
+        return str(where)
 
     objective = make_objective(recipe, verifier, train_ds)
     if t.cache_hidden_states:
