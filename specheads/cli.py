@@ -20,6 +20,9 @@ def _add_verifier_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    g.add_argument("--cpu-linears", default="tune", choices=["tune", "packed"],
+                   help="on CPU, 'tune' times the verifier's few-token forwards with torch's packed GEMM and with "
+                   "streamed weights ((W @ x.T).T) and keeps the faster per token count; 'packed' leaves torch's (default: %(default)s)")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
@@ -49,6 +52,17 @@ def _setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     verifier = load_verifier(args.verifier, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    args.cpu_linears_report = None
+    if verifier.device.type == "cpu" and args.cpu_linears == "tune":
+        from .streamed_linear import tune_streaming
+
+        print("[specheads] timing the verifier's few-token forwards (--cpu-linears packed skips this)", file=sys.stderr, flush=True)
+        rep = args.cpu_linears_report = tune_streaming(verifier.model)
+        ms = rep["forward_ms"]
+        print("[specheads] CPU linears: LM head streamed for %s tokens, other layers for %s; forward ms packed/streamed: %s" % (
+            rep["head_rows"] or "no", rep["layer_rows"] or "no",
+            ", ".join(f"q={q} {ms['packed'][q]:.0f}/{min(ms['head'][q], ms['all'][q]):.0f}" for q in ms["packed"])),
+            file=sys.stderr, flush=True)
     options = {"max_ngram": args.ngram_max} if args.drafter == "ngram" else {}
     if args.drafter not in ("ngram", "none", "plain"):
         options["trust_remote_code"] = args.trust_remote_code
@@ -127,6 +141,7 @@ def run_bench(args) -> dict:
     encoded = [verifier.encode(p) for p in prompts]
     report = run_benchmark(verifier, drafter, encoded, cfg)
     report["prompts"] = args.prompts
+    report["cpu_linears"] = args.cpu_linears_report
     paths = write_report(report, args.output)
     print(markdown_table(report))
     print(f"report: {paths['json']}\ntable:  {paths['markdown']}\nplot:   {paths['plot']}")

@@ -1,0 +1,130 @@
+"""Linear layers that stay fast for few-token forwards on CPU.
+
+Speculative decoding's verify step is a forward over a few tokens (k + 1, or a small tree). With
+MKL, torch's CPU BLAS, ``x @ W.T`` for a handful of rows packs the whole weight ``W`` into its
+GEMM layout on every call, so on a 2-core CPU a 4-token forward of SmolLM2 costs about 2x a
+1-token one, although both read every weight once. ``(W @ x.T).T`` is the same product that
+packs only the few rows of ``x`` and streams ``W``; there the 4-token forward costs about 1.2x.
+Which form wins depends on the CPU, the thread count and the row count, so ``tune_streaming``
+measures the model's own forward at each row count and keeps the faster form; nothing is
+assumed.
+
+A ``StreamedLinear`` shares its ``nn.Linear``'s parameters (tied embeddings stay tied) and
+streams only for CPU inputs whose row count is in its ``rows`` set. One-token forwards are never
+streamed, so plain decoding is unchanged. Results equal ``nn.Linear``'s to float rounding, not
+bit for bit; plain decoding, speculative decoding and Hugging Face ``generate`` all run through
+the same modules, so they stay comparable. On CUDA nothing changes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class StreamedLinear(nn.Linear):
+    """``nn.Linear`` computing ``(W @ x.T).T`` for CPU inputs of ``rows`` rows (a set of counts)."""
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, rows: Iterable[int] = ()) -> "StreamedLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias  # the same Parameters
+        new.rows = frozenset(int(r) for r in rows)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if rows not in self.rows or x.device.type != "cpu":
+            return nn.functional.linear(x, self.weight, self.bias)
+        y = (self.weight @ x.reshape(rows, x.shape[-1]).T).T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", streamed_rows={sorted(self.rows)}"
+
+
+def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, layer) for every plain or streamed ``nn.Linear`` (not peft / quantised subclasses)."""
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) in (nn.Linear, StreamedLinear):
+                found.append((parent, name, child))
+    return found
+
+
+def stream_linears(model: nn.Module, head_rows: Iterable[int] = (), layer_rows: Iterable[int] = ()) -> nn.Module:
+    """Stream ``model``'s LM head for ``head_rows`` and every other plain ``nn.Linear`` for ``layer_rows``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_rows, layer_rows = frozenset(head_rows), frozenset(layer_rows)
+    for parent, name, layer in _linears(model):
+        rows = head_rows if layer is head else layer_rows
+        if isinstance(layer, StreamedLinear):
+            layer.rows = rows
+        else:
+            setattr(parent, name, StreamedLinear.wrap(layer, rows))
+    return model
+
+
+def _fill(chosen: list[int], measured: list[int]) -> list[int]:
+    """Row counts between two measured, chosen neighbours count as chosen too."""
+    out = set(chosen)
+    for lo, hi in zip(measured, measured[1:]):
+        if lo in out and hi in out:
+            out.update(range(lo, hi))
+    return sorted(out)
+
+
+def tune_streaming(model: nn.Module, *, rows: Iterable[int] = (2, 3, 4, 5, 6, 8, 10, 12, 16), context: int = 128,
+                   repeats: int = 5, margin: float = 0.03) -> dict:
+    """Time the model's forward over ``rows`` new tokens after ``context`` cached ones with linears
+    packed (as torch does), the LM head streamed, and every linear streamed; keep for each row
+    count the fastest form (streaming must win by ``margin``). Returns what was chosen and measured.
+    Only for CPU models; a model on another device is left as it is.
+    """
+    from .decoding.kv_cache import cache_kwargs, new_cache, truncate_cache
+
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return {"device": str(device), "head_rows": [], "layer_rows": []}
+    rows = sorted({int(r) for r in rows if int(r) >= 2})
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    past = torch.randint(0, vocab, (1, context), generator=gen)
+    forms = {"packed": ((), ()), "head": (rows, ()), "all": (rows, rows)}
+    times: dict[tuple[str, int], list[float]] = {}
+    with torch.inference_mode():
+        cache = new_cache(model)
+        model(input_ids=past, **cache_kwargs(model, cache), use_cache=True)
+        for _ in range(repeats):  # forms interleaved, so drift in machine load hits all alike
+            for form, (h, l) in forms.items():
+                stream_linears(model, h, l)
+                for q in rows:
+                    ids = torch.randint(0, vocab, (1, q), generator=gen)
+                    start = time.perf_counter()
+                    model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+                    times.setdefault((form, q), []).append(time.perf_counter() - start)
+                    truncate_cache(cache, context)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    head_rows, layer_rows = [], []
+    for q in rows:
+        packed = median[("packed", q)]
+        best = min(forms, key=lambda f: median[(f, q)])
+        if best != "packed" and median[(best, q)] < (1 - margin) * packed:
+            head_rows.append(q)
+            if best == "all":
+                layer_rows.append(q)
+    head_rows, layer_rows = _fill(head_rows, rows), _fill(layer_rows, rows)
+    stream_linears(model, head_rows, layer_rows)
+    return {
+        "device": "cpu", "threads": torch.get_num_threads(), "head_rows": head_rows, "layer_rows": layer_rows,
+        "forward_ms": {f: {q: round(median[(f, q)] * 1e3, 1) for q in rows} for f in forms},
+    }
