@@ -234,20 +234,23 @@ from test_medusa_training import tiny_verifier, counting_data, recipe
 from specheads.training.loop import train
 torch.set_num_threads(1)
 v = tiny_verifier()
-train(recipe({out!r}, "training.max_steps=20", "training.save_every=100", "training.eval_every=100", "training.log_every=1"),
+train(recipe({out!r}, "training.max_steps=20", "training.save_every=100", "training.eval_every=100", "training.log_every=1",
+             "training.cache_hidden_states={cache}"),
       verifier=v, datasets=(counting_data(64, 0), counting_data(8, 1)), progress=False)
 """
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    """DDP over two gloo processes gives the same losses and weights as one process at the same global batch."""
+@pytest.mark.parametrize("cache", [False, True], ids=["verifier-each-step", "hidden-state-cache"])
+def test_two_processes_match_one(tmp_path, cache):
+    """DDP over two gloo processes gives the same losses and weights as one process at the same global
+    batch, also when both processes fill and read one shared hidden-state cache (3 epochs here)."""
     tests = os.path.dirname(os.path.abspath(__file__))
     results = {}
     for procs in (1, 2):
         out = tmp_path / f"p{procs}"
         script = tmp_path / f"run{procs}.py"
-        script.write_text(SCRIPT.format(tests=tests, out=str(out)))
+        script.write_text(SCRIPT.format(tests=tests, out=str(out), cache=str(cache).lower()))
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs)]
         cmd += ["--multi_gpu"] if procs > 1 else ["--cpu"]
         env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
