@@ -260,7 +260,7 @@ def test_greedy_tree_eos_mid_path(arch):
     assert any(eos in c.tokens.tolist() and n > 0 for c, n in zip(drafter.proposals, drafter.observed))
 
 
-@pytest.mark.parametrize("tree", ["tree8", "tree16"])
+@pytest.mark.parametrize("tree", ["tree4", "tree6", "tree8", "tree16"])
 def test_medusa_tree_greedy_lossless(tree):
     from specheads.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads, TREES
 

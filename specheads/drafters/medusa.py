@@ -31,6 +31,10 @@ KIND = "medusa"
 # verify forward grows fast with its token count, so the small trees win there.
 TREES: dict[str, list[tuple[int, ...]]] = {
     "chain": [],  # filled per number of heads: (0,), (0, 0), ...
+    # Small trees for CPUs, where a verify forward of 5-7 tokens still costs little more than 2-3
+    # (with streamed linears): the chain plus the runner-up choices of the first two heads.
+    "tree4": [(0,), (1,), (0, 0), (0, 0, 0)],
+    "tree6": [(0,), (1,), (0, 0), (1, 0), (0, 0, 0), (0, 0, 0, 0)],
     "tree8": [(0,), (1,), (0, 0), (1, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0), (2,)],
     "tree16": [
         (0,), (1,), (2,), (0, 0), (1, 0), (0, 1), (2, 0), (0, 2), (0, 0, 0), (1, 0, 0),
