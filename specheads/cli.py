@@ -40,7 +40,7 @@ def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> No
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches (default: %(default)s)")
-    g.add_argument("--tree", default="chain", help="Medusa candidate tree: chain, tree4, tree6, tree8, tree16" + ("; a comma list sweeps them" if sweep else "") + " (default: %(default)s)")
+    g.add_argument("--tree", default="chain", help="Medusa candidate tree: chain, tree4, tree6, tree8, tree16, or autoN (the best N-node tree for the heads' held-out accuracy per rank, recorded at training)" + ("; a comma list sweeps them" if sweep else "") + " (default: %(default)s)")
 
 
 def _setup(args):

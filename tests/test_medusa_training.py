@@ -131,6 +131,29 @@ def test_training_learns_a_learnable_continuation(tmp_path):
     ref = v.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=30)[0, 8:].tolist()
     out = SpeculativeDecoder(v, drafter, num_draft_tokens=3).generate(prompt, max_new_tokens=30, eos_token_ids=[1])
     assert out.token_ids == ref
+    # The checkpoint records each head's held-out accuracy per rank; autoN trees are built from it.
+    acc = heads.rank_accuracy
+    assert acc is not None and [len(row) for row in acc] == [4, 4, 4]
+    assert all(row[0] > 0.9 and sum(row) <= 1 + 1e-6 for row in acc), acc  # a token has one rank
+    tree = build_drafter(final, v, tree="auto5")
+    assert {(0,), (0, 0), (0, 0, 0)} <= set(tree.paths) and len(tree.paths) == 5
+    out = SpeculativeDecoder(v, tree, num_draft_tokens=3).generate(prompt, max_new_tokens=30, eos_token_ids=[1])
+    assert out.token_ids == ref
+
+
+def test_best_tree_takes_the_most_probable_paths_and_needs_recorded_accuracy():
+    from specheads.drafters.medusa import best_tree, tree_paths
+
+    acc = [[0.5, 0.2, 0.1], [0.4, 0.1, 0.05]]
+    # (0,) .5; then (1,) .2 ties (0, 0) .2: the shallower first; then (0, 0); then (2,) .1 over (0, 1) .05
+    assert best_tree(acc, 4) == [(0,), (1,), (0, 0), (2,)]
+    assert best_tree(acc, 100) == sorted(best_tree(acc, 100), key=lambda p: -eval("*".join(
+        str(acc[d][r]) for d, r in enumerate(p))))  # all 3 + 9 paths, most probable first
+    assert len(best_tree(acc, 100)) == 12
+    with pytest.raises(SpecHeadsError, match="auto6.*does not hold"):
+        tree_paths("auto6", 2, None)
+    with pytest.raises(SpecHeadsError, match="autoN needs a node count"):
+        tree_paths("autox", 2, acc)
 
 
 def test_frozen_lm_heads_train_only_the_blocks(tmp_path):

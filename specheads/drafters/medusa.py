@@ -93,6 +93,8 @@ class MedusaHeads(nn.Module):
             self.register_buffer("token_map", token_map.long().clone())
         else:
             self.token_map = None
+        # [head][rank] held-out accuracy from training, when the checkpoint records it (autoN trees).
+        self.rank_accuracy: list[list[float]] | None = None
 
     def init_lm_heads_from(self, lm_head_weight: torch.Tensor) -> None:
         """Copy the verifier's LM head (rows of the draft vocabulary) into every own head."""
@@ -133,11 +135,58 @@ class MedusaHeads(nn.Module):
         return draft_ids if self.token_map is None else self.token_map[draft_ids]
 
 
-def tree_paths(name_or_paths, num_heads: int) -> list[tuple[int, ...]]:
-    """A tree preset name (or explicit paths) -> validated paths, parents before children."""
+def rank_accuracy(eval_metrics: dict | None, num_heads: int) -> list[list[float]] | None:
+    """[head][rank] held-out accuracy from a training run's final evaluation, or None if absent."""
+    if not eval_metrics or f"eval/top1_head{num_heads - 1}" not in eval_metrics:
+        return None
+    table = []
+    for k in range(num_heads):
+        row, r = [eval_metrics[f"eval/top1_head{k}"]], 1
+        while f"eval/rank{r}_head{k}" in eval_metrics:
+            row.append(eval_metrics[f"eval/rank{r}_head{k}"])
+            r += 1
+        table.append(row)
+    return table
+
+
+def best_tree(accuracy: list[list[float]], size: int) -> list[tuple[int, ...]]:
+    """The ``size``-node tree with the highest expected accepted length, as Medusa builds it.
+
+    A node (path of ranks) is accepted with probability prod_d accuracy[d][path[d]] (heads taken
+    as independent), and the expected accepted length is the sum of that over the nodes. A
+    child's probability is at most its parent's, so taking the ``size`` most probable paths,
+    grown greedily from the root's children, gives a valid tree and the optimum under that model.
+    """
+    chosen: list[tuple[int, ...]] = []
+    prob = {(): 1.0}
+    frontier = {(r,): accuracy[0][r] for r in range(len(accuracy[0]))}
+    while frontier and len(chosen) < size:
+        path = max(frontier, key=lambda p: (frontier[p], -len(p)))
+        prob[path] = frontier.pop(path)
+        chosen.append(path)
+        depth = len(path)
+        if depth < len(accuracy):
+            for r in range(len(accuracy[depth])):
+                frontier[path + (r,)] = prob[path] * accuracy[depth][r]
+    return chosen
+
+
+def tree_paths(name_or_paths, num_heads: int, accuracy: list[list[float]] | None = None) -> list[tuple[int, ...]]:
+    """A tree preset name, ``autoN`` (the best N-node tree for the heads' measured accuracy), or
+    explicit paths -> validated paths, parents before children."""
+    if isinstance(name_or_paths, str) and name_or_paths.startswith("auto"):
+        size = name_or_paths[4:]
+        if not size.isdigit() or int(size) < 1:
+            raise SpecHeadsError(f"tree '{name_or_paths}': autoN needs a node count N >= 1, e.g. auto6")
+        if accuracy is None:
+            raise SpecHeadsError(
+                f"tree '{name_or_paths}' is built from the heads' held-out accuracy per rank, which this drafter's "
+                "config.json does not hold (trained before specheads recorded it): use chain, tree4, tree6, tree8 or tree16"
+            )
+        name_or_paths = best_tree(accuracy, int(size))
     if isinstance(name_or_paths, str):
         if name_or_paths not in TREES:
-            raise SpecHeadsError(f"unknown Medusa tree '{name_or_paths}' (known: {', '.join(TREES)})")
+            raise SpecHeadsError(f"unknown Medusa tree '{name_or_paths}' (known: {', '.join(TREES)}, autoN)")
         if name_or_paths == "chain":
             paths = [tuple([0] * d) for d in range(1, num_heads + 1)]
         else:  # a preset deeper than the heads is cut to their depth
@@ -165,7 +214,7 @@ class MedusaDrafter:
         # A shared head over a truncated vocabulary: cut the verifier's rows once, not per step.
         self.lm_head_weight = self.heads.shared_rows(verifier.model.get_output_embeddings().weight) if self.heads.lm_heads is None else None
         self.tree = tree
-        self.paths = tree_paths(tree, heads.config.num_heads)
+        self.paths = tree_paths(tree, heads.config.num_heads, heads.rank_accuracy)
         self.max_rank = max((max(p) for p in self.paths), default=0) + 1
 
     def start(self, prompt_ids: list[int]) -> None:
@@ -220,6 +269,8 @@ def load_medusa_heads(path, verifier=None) -> MedusaHeads:
     missing, unexpected = heads.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise SpecHeadsError(f"Medusa checkpoint {path} does not match its config: missing {missing}, unexpected {unexpected}")
+    training = config["specheads"]["hyper_parameters"].get("training") or {}
+    heads.rank_accuracy = rank_accuracy(training.get("eval"), heads.config.num_heads)
     return heads
 
 

@@ -170,6 +170,7 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
         accelerator.init_trackers("specheads", config=_flat(asdict(recipe)))
     bar = tqdm(total=t.max_steps, initial=start_step, desc="training", disable=not (progress and main))
     step = start_step
+    last_eval: dict = {}
     history: list[dict] = []
     started = time.perf_counter()
     module.train()
@@ -206,7 +207,8 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
                 result = evaluate(objective, module, eval_loader, accelerator)
                 accelerator.log(result, step=step)
                 history.append({"step": step, **result})
-                accelerator.print(f"[specheads] step {step}: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in result.items()))
+                accelerator.print(f"[specheads] step {step}: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in result.items() if "/rank" not in k))
+                last_eval = result
                 module.train()
             if step % t.save_every == 0 and step < t.max_steps:
                 save_checkpoint(accelerator, objective, module, t.output_dir, step, history)
@@ -219,7 +221,8 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
         info = {"steps": step, "train_seconds": elapsed, "peak_memory": peak_memory(accelerator.device), "history": history[-20:], "recipe": asdict(recipe)}
         if t.lora is not None:
             _save_tuned_verifier(accelerator, objective, module, verifier, os.path.join(t.output_dir, "verifier"))
-        objective.save(state, final, training={"steps": step, "train_seconds": elapsed})
+        # The final held-out evaluation travels with the drafter (Medusa's data-driven trees read it).
+        objective.save(state, final, training={"steps": step, "train_seconds": elapsed, "eval": last_eval})
         with open(os.path.join(t.output_dir, "training_summary.json"), "w") as f:
             json.dump(info, f, indent=2)
         accelerator.print(f"[specheads] trained {step} steps in {elapsed:.0f} s; peak memory " + ", ".join(f"{k} {v:.0f} MiB" for k, v in info["peak_memory"].items()))

@@ -24,6 +24,9 @@ class MedusaTrainingModule(nn.Module):
         self.tuned_verifier = tuned_verifier
 
 
+RANKS = 4  # choices per head counted at evaluation
+
+
 class MedusaObjective:
     """Head k at position t predicts token t+2+k from the verifier's last hidden state h_t.
 
@@ -165,19 +168,26 @@ class MedusaObjective:
         heads = _unwrap(module).heads
         hits = torch.zeros(B, T, K, dtype=torch.bool, device=hidden.device)
         valid = torch.zeros(B, T, K, dtype=torch.bool, device=hidden.device)
+        # rank_hits[k, r]: positions where head k's r-th choice is the token (what a tree's
+        # rank-r node would accept); the data-driven trees (tree "autoN") are built from them.
+        rank_hits = torch.zeros(K, RANKS, dtype=torch.long)
         for k in range(K):
             if T <= 2 + k:
                 break
             mask, labels = self._targets(batch, k)
             logits = self._head_logits(module, hidden[:, : T - 2 - k], k)
-            pred = heads.to_verifier_ids(logits.argmax(-1))
+            ranked = heads.to_verifier_ids(logits.topk(min(RANKS, logits.shape[-1]), dim=-1).indices)
+            pred = ranked[..., 0]
             hits[:, : T - 2 - k, k] = (pred == labels) & mask
             valid[:, : T - 2 - k, k] = mask
+            at_rank = (ranked == labels[..., None]) & mask[..., None]
+            rank_hits[k, : at_rank.shape[-1]] = at_rank.sum((0, 1)).cpu()
         base = valid[..., 0]
         # Run length of consecutive correct heads from head 0, counted where head 0 has a target.
         run = torch.cumprod(hits.int(), dim=-1).sum(-1)
         return {
             "hits": hits.sum((0, 1)).cpu(),
+            "rank_hits": rank_hits,
             "valid": valid.sum((0, 1)).cpu(),
             "run_sum": run[base].sum().cpu(),
             "positions": base.sum().cpu(),
@@ -187,6 +197,9 @@ class MedusaObjective:
     def summarize(counts: dict[str, torch.Tensor]) -> dict[str, float]:
         acc = (counts["hits"].float() / counts["valid"].clamp_min(1).float()).tolist()
         out = {f"eval/top1_head{k}": a for k, a in enumerate(acc)}
+        if "rank_hits" in counts:  # head k's rank-r accuracy, r >= 1 (rank 0 is top1_head{k})
+            rank_acc = counts["rank_hits"].float() / counts["valid"].clamp_min(1).float()[:, None]
+            out.update({f"eval/rank{r}_head{k}": float(rank_acc[k, r]) for k in range(rank_acc.shape[0]) for r in range(1, rank_acc.shape[1])})
         # Chain tau implied on self-distilled greedy data: 1 + mean consecutive accepted drafts.
         out["eval/tau_top1_chain"] = 1.0 + float(counts["run_sum"]) / max(1, int(counts["positions"]))
         return out
