@@ -20,9 +20,10 @@ def _add_verifier_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    g.add_argument("--cpu-linears", default="tune", choices=["tune", "packed"],
+    g.add_argument("--cpu-linears", default="tune", choices=["tune", "retune", "packed"],
                    help="on CPU, 'tune' times the verifier's few-token forwards with torch's packed GEMM and with "
-                   "streamed weights ((W @ x.T).T) and keeps the faster per token count; 'packed' leaves torch's (default: %(default)s)")
+                   "streamed weights ((W @ x.T).T) and keeps the faster per token count, once per model, dtype, thread "
+                   "count and CPU (the choice is cached); 'retune' times again; 'packed' leaves torch's (default: %(default)s)")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
@@ -53,13 +54,18 @@ def _setup(args):
         torch.set_num_threads(args.threads)
     verifier = load_verifier(args.verifier, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     args.cpu_linears_report = None
-    if verifier.device.type == "cpu" and args.cpu_linears == "tune":
-        from .streamed_linear import tune_streaming
+    if verifier.device.type == "cpu" and args.cpu_linears != "packed":
+        from .streamed_linear import machine_key, tune_or_reuse
+        from .verifier import cache_dir
 
-        print("[specheads] timing the verifier's few-token forwards (--cpu-linears packed skips this)", file=sys.stderr, flush=True)
-        rep = args.cpu_linears_report = tune_streaming(verifier.model)
+        key = machine_key(verifier.model)
+        store = cache_dir() / "cpu_linears.json"
+        print("[specheads] CPU linears: choosing packed or streamed weights per token count (--cpu-linears packed skips this)",
+              file=sys.stderr, flush=True)
+        rep = args.cpu_linears_report = tune_or_reuse(verifier.model, key, store, retune=args.cpu_linears == "retune")
         ms = rep["forward_ms"]
-        print("[specheads] CPU linears: LM head streamed for %s tokens, other layers for %s; forward ms packed/streamed: %s" % (
+        print("[specheads] CPU linears (%s): LM head streamed for %s tokens, other layers for %s; forward ms packed/best: %s" % (
+            f"reused from {store}" if rep["reused"] else "measured now",
             rep["head_rows"] or "no", rep["layer_rows"] or "no",
             ", ".join(f"q={q} {ms['packed'][q]:.0f}/{min(ms['head'][q], ms['all'][q]):.0f}" for q in ms["packed"])),
             file=sys.stderr, flush=True)

@@ -18,8 +18,13 @@ the same modules, so they stay comparable. On CUDA nothing changes.
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import statistics
 import time
+import uuid
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -128,3 +133,42 @@ def tune_streaming(model: nn.Module, *, rows: Iterable[int] = (2, 3, 4, 5, 6, 8,
         "device": "cpu", "threads": torch.get_num_threads(), "head_rows": head_rows, "layer_rows": layer_rows,
         "forward_ms": {f: {q: round(median[(f, q)] * 1e3, 1) for q in rows} for f in forms},
     }
+
+
+def machine_key(model: nn.Module) -> str:
+    """What a tuning result depends on: the model (its shape and LM-head fingerprint, not its
+    path), its dtype, the thread count, the CPU and torch."""
+    from .verifier import fingerprint
+
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", "?"))
+    dtype = next(model.parameters()).dtype
+    model_id = f"{cfg.model_type}-{layers}x{fingerprint(model)['hidden_size']}-{fingerprint(model)['lm_head_sha256']}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{model_id}|{str(dtype).replace('torch.', '')}|threads={torch.get_num_threads()}|{cpu}|torch={torch.__version__}"
+
+
+def tune_or_reuse(model: nn.Module, key: str, store: str | os.PathLike, *, retune: bool = False) -> dict:
+    """``tune_streaming`` once per ``key`` (see ``machine_key``), its choice kept in the json file
+    ``store``; later calls apply the stored choice without timing (``retune`` times again)."""
+    store = Path(store)
+    try:
+        known = json.loads(store.read_text()) if store.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        known = {}  # an unreadable store only costs a new measurement
+    if not retune and key in known:
+        report = known[key]
+        stream_linears(model, report["head_rows"], report["layer_rows"])
+        return {**report, "reused": True}
+    report = tune_streaming(model)
+    known[key] = report
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f".{store.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(known, indent=1))
+    os.replace(tmp, store)
+    return {**report, "reused": False}

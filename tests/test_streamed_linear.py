@@ -74,3 +74,22 @@ def test_tune_streaming_measures_each_form_and_applies_its_choice():
     assert model.get_output_embeddings().rows == frozenset(report["head_rows"])
     layers = [m for n, m in model.named_modules() if isinstance(m, StreamedLinear) and m is not model.get_output_embeddings()]
     assert layers and all(m.rows == frozenset(report["layer_rows"]) for m in layers)
+
+
+def test_a_tuning_choice_is_stored_per_key_and_reused(tmp_path):
+    from specheads.streamed_linear import machine_key, tune_or_reuse
+
+    store = tmp_path / "cpu_linears.json"
+    model = make_model("llama")
+    key = machine_key(model)
+    assert "threads=" in key and "float32" in key and key == machine_key(make_model("llama"))
+    assert key != machine_key(make_model("llama", seed=1))  # another model, another measurement
+    first = tune_or_reuse(model, key, store)
+    assert first["reused"] is False and store.is_file()
+    other = make_model("llama")
+    again = tune_or_reuse(other, key, store)
+    assert again["reused"] is True and again["head_rows"] == first["head_rows"]
+    assert other.get_output_embeddings().rows == frozenset(first["head_rows"])
+    assert tune_or_reuse(other, key, store, retune=True)["reused"] is False
+    store.write_text("{not json")
+    assert tune_or_reuse(other, key, store)["reused"] is False  # a broken store only costs a measurement
