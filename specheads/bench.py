@@ -241,12 +241,30 @@ def best_draft_lengths(results: dict[str, MethodResult], methods: dict[str, dict
     return best
 
 
+def _counts(rows: list[int]) -> str:
+    """[2, 3, 4, 5, 8] -> '2-5, 8'; [] -> 'no'."""
+    if not rows:
+        return "no"
+    spans, start = [], rows[0]
+    for prev, cur in zip(rows, rows[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            spans.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = cur
+    return ", ".join(spans)
+
+
 def markdown_table(report: dict) -> str:
     lines = [
         f"verifier `{report['verifier']}`, drafter `{report['drafter']}`, {report['device']} {report['dtype']}, "
         f"{report['torch_threads']} threads, {report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
         f"T={report['temperature']}",
         "",
+    ]
+    cpu = report.get("cpu_linears")
+    if cpu and cpu.get("device") == "cpu":
+        lines += [f"CPU linears: LM head streamed for {_counts(cpu['head_rows'])} tokens, other linears for "
+                  f"{_counts(cpu['layer_rows'])} (torch's packed GEMM otherwise; `--cpu-linears`)", ""]
+    lines += [
         "| method | tokens/s | speedup | tau | acceptance per position | identical to verifier |",
         "|---|---|---|---|---|---|",
     ]
