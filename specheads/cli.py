@@ -54,7 +54,8 @@ def _setup(args):
         torch.set_num_threads(args.threads)
     verifier = load_verifier(args.verifier, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     args.cpu_linears_report = None
-    if verifier.device.type == "cpu" and args.cpu_linears != "packed":
+    # Only speculative decoding runs few-token forwards; plain decoding has nothing to tune.
+    if verifier.device.type == "cpu" and args.cpu_linears != "packed" and args.drafter not in ("none", "plain"):
         from .streamed_linear import machine_key, tune_or_reuse
         from .verifier import cache_dir
 

@@ -143,7 +143,8 @@ def machine_key(model: nn.Module) -> str:
     cfg = model.config
     layers = getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", "?"))
     dtype = next(model.parameters()).dtype
-    model_id = f"{cfg.model_type}-{layers}x{fingerprint(model)['hidden_size']}-{fingerprint(model)['lm_head_sha256']}"
+    head = fingerprint(model)  # hashes LM-head rows: once
+    model_id = f"{cfg.model_type}-{layers}x{head['hidden_size']}-{head['lm_head_sha256']}"
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -442,7 +442,7 @@ def generate_self_distillation(
     gen_config = _generation_config(verifier, max_new_tokens, temperature, top_p, pad_id)
     max_context = verifier.max_context
     features = _features()
-    stats = {"prompts": 0, "generated_tokens": 0, "generate_seconds": 0.0, "too_long": 0}
+    stats = {"prompts": 0, "generated_tokens": 0, "generate_seconds": 0.0, "too_long": 0, "shards": []}
     started = time.perf_counter()
     # This process's shards; the name of shard c is fixed by c alone, whichever process writes it.
     mine = [(c, todo[start: start + shard_size]) for c, start in enumerate(range(0, len(todo), shard_size)) if c % world == rank]
@@ -487,8 +487,9 @@ def generate_self_distillation(
                 Dataset.from_dict(records, features=features).save_to_disk(str(tmp))
             os.replace(tmp, output_dir / SHARDS / name)  # a shard exists complete or not at all
             stats["prompts"] += len(encoded)
+            stats["shards"].append({"name": name, "count": len(encoded)})
             if world == 1:  # keeps the manifest current during a long run; with several writers the main process lists all at the end
-                manifest["shards"].append({"name": name, "count": len(encoded)})
+                manifest["shards"].append(stats["shards"][-1])
                 manifest["count"] += len(encoded)
                 _write_json_atomic(output_dir / MANIFEST, manifest)
     finally:
@@ -499,13 +500,14 @@ def generate_self_distillation(
 
         every = gather_object([stats])
         stats = {k: sum(s[k] for s in every) for k in ("prompts", "generated_tokens", "too_long")}
+        stats["shards"] = [shard for s in every for shard in s["shards"]]
         stats["generate_seconds"] = max(s["generate_seconds"] for s in every)  # the processes ran side by side
         stats["wall_seconds"] = max(s["wall_seconds"] for s in every)
         barrier()
     tps = stats["generated_tokens"] / stats["generate_seconds"] if stats["generate_seconds"] > 0 else 0.0
     if is_main:
-        if world > 1:
-            shard_list = [{"name": p.name, "count": _load_shard(p).num_rows} for p in _shard_dirs(output_dir)]
+        if world > 1:  # the shards found at the start plus every process's new ones, in name order
+            shard_list = sorted(shard_list + stats["shards"], key=lambda s: s["name"])
             manifest["shards"], manifest["count"] = shard_list, sum(s["count"] for s in shard_list)
         run = {
             "prompts": stats["prompts"], "skipped_already_stored": skipped_done, "skipped_too_long": stats["too_long"],
