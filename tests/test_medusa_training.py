@@ -156,6 +156,34 @@ def test_best_tree_takes_the_most_probable_paths_and_needs_recorded_accuracy():
         tree_paths("autox", 2, acc)
 
 
+def test_eval_counts_rank_accuracy_given_earlier_heads_in_their_top_ranks():
+    """Head 1's conditional rate counts only positions where head 0 had its token in its top ranks."""
+    from specheads.drafters.medusa import rank_accuracy
+
+    v = tiny_verifier()
+    obj = MedusaObjective(v, DrafterSection(num_heads=2), ObjectiveSection(loss="ce"))
+    tokens = [3, 4, 5, 6, 7, 8]
+    batch = collate([{"input_ids": tokens, "prompt_length": 2}], pad_id=1)
+    right = {0: [True, True, False, False], 1: [True, False, True]}  # head k at position t, label tokens[t + 2 + k]
+
+    def head_logits(module, hidden, k):
+        n = hidden.shape[1]
+        logits = -torch.arange(V, dtype=torch.float32).repeat(1, n, 1)  # ranks follow token ids...
+        for t in range(n):  # ...with the label first, or last (out of the top ranks)
+            logits[0, t, tokens[t + 2 + k]] = 10.0 if right[k][t] else -1e4
+        return logits
+
+    obj._head_logits = head_logits
+    summary = obj.summarize(obj.eval_counts(obj.module, batch))
+    assert summary["eval/top1_head0"] == summary["eval/cond_rank0_head0"] == 0.5
+    assert summary["eval/top1_head1"] == pytest.approx(2 / 3)  # t = 0 and t = 2
+    assert summary["eval/cond_rank0_head1"] == 0.5  # only t = 0 and t = 1 are reached: head 0 missed at t = 2
+    assert summary["eval/cond_rank1_head1"] == 0.0
+    assert rank_accuracy(summary, 2)[1][0] == 0.5  # trees are built from the conditional rates
+    unconditional = {k: x for k, x in summary.items() if "cond_" not in k}
+    assert rank_accuracy(unconditional, 2)[1][0] == pytest.approx(2 / 3)  # drafters that recorded only those
+
+
 def test_frozen_lm_heads_train_only_the_blocks(tmp_path):
     v = tiny_verifier()
     final = train(recipe(tmp_path, "objective.train_lm_heads=false", "training.max_steps=10", "training.eval_every=10"),
@@ -335,3 +363,28 @@ def test_hidden_state_cache_skips_the_verifier_after_the_first_epoch(tmp_path, c
     a, b = load_drafter_state(plain)[1], load_drafter_state(cached)[1]
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+
+
+def test_hidden_state_cache_is_shared_by_key_and_refused_for_other_data(tmp_path):
+    """Two runs over the same data and verifier share one cache folder (the second never runs the
+    verifier on training batches); the same folder is refused for other tokens of the same lengths."""
+    v = tiny_verifier()
+    shared = str(tmp_path / "shared_cache")
+    data = (counting_data(32, 0), counting_data(8, 1))
+    train(recipe(tmp_path / "a", "training.max_steps=4", "training.cache_hidden_states=true", f"training.hidden_cache_dir={shared}"),
+          verifier=v, datasets=data, progress=False)
+    calls = []
+    real_forward = v.model.forward
+    v.model.forward = lambda *a, **k: calls.append(k.get("input_ids", a[0] if a else None).shape[0]) or real_forward(*a, **k)
+    try:
+        train(recipe(tmp_path / "b", "training.max_steps=4", "training.cache_hidden_states=true", f"training.hidden_cache_dir={shared}"),
+              verifier=v, datasets=data, progress=False)
+    finally:
+        v.model.forward = real_forward
+    assert sum(1 for b in calls if b == 8) == 1, calls  # the eval batch only
+    other = Dataset.from_list([{**x, "input_ids": [2 + (t - 1) % (V - 2) for t in x["input_ids"]]} for x in data[0]])
+    assert [len(x["input_ids"]) for x in other] == [len(x["input_ids"]) for x in data[0]]  # same lengths: only the key tells them apart
+    assert other["input_ids"] != data[0]["input_ids"]
+    with pytest.raises(SpecHeadsError, match="made for other data or another verifier"):
+        train(recipe(tmp_path / "c", "training.max_steps=4", "training.cache_hidden_states=true", f"training.hidden_cache_dir={shared}"),
+              verifier=v, datasets=(other, data[1]), progress=False)

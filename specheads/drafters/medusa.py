@@ -136,24 +136,34 @@ class MedusaHeads(nn.Module):
 
 
 def rank_accuracy(eval_metrics: dict | None, num_heads: int) -> list[list[float]] | None:
-    """[head][rank] held-out accuracy from a training run's final evaluation, or None if absent."""
-    if not eval_metrics or f"eval/top1_head{num_heads - 1}" not in eval_metrics:
+    """[head][rank] held-out accuracy from a training run's final evaluation, or None if absent.
+
+    Where the evaluation holds them, head k's rates are conditional on every earlier head having
+    had its token among its top ranks (``eval/cond_rank{r}_head{k}``): the heads read one hidden
+    state, so a deep node is accepted far more often than the product of unconditional rates says.
+    Older drafters recorded only the unconditional rates (``eval/top1_head{k}``, ``eval/rank{r}_head{k}``)."""
+    if not eval_metrics:
         return None
-    table = []
-    for k in range(num_heads):
-        row, r = [eval_metrics[f"eval/top1_head{k}"]], 1
-        while f"eval/rank{r}_head{k}" in eval_metrics:
-            row.append(eval_metrics[f"eval/rank{r}_head{k}"])
-            r += 1
-        table.append(row)
-    return table
+    if f"eval/cond_rank0_head{num_heads - 1}" in eval_metrics:
+        return [[eval_metrics[f"eval/cond_rank{r}_head{k}"] for r in range(_count(eval_metrics, f"eval/cond_rank{{}}_head{k}"))] for k in range(num_heads)]
+    if f"eval/top1_head{num_heads - 1}" not in eval_metrics:
+        return None
+    return [[eval_metrics[f"eval/top1_head{k}"]] + [eval_metrics[f"eval/rank{r}_head{k}"] for r in range(1, 1 + _count(eval_metrics, f"eval/rank{{}}_head{k}", start=1))]
+            for k in range(num_heads)]
+
+
+def _count(metrics: dict, pattern: str, start: int = 0) -> int:
+    r = start
+    while pattern.format(r) in metrics:
+        r += 1
+    return r - start
 
 
 def best_tree(accuracy: list[list[float]], size: int) -> list[tuple[int, ...]]:
     """The ``size``-node tree with the highest expected accepted length, as Medusa builds it.
 
-    A node (path of ranks) is accepted with probability prod_d accuracy[d][path[d]] (heads taken
-    as independent), and the expected accepted length is the sum of that over the nodes. A
+    A node (path of ranks) is accepted with probability prod_d accuracy[d][path[d]] (depth d's rate
+    given that the path reached it, see ``rank_accuracy``), and the expected accepted length is the sum of that over the nodes. A
     child's probability is at most its parent's, so taking the ``size`` most probable paths,
     grown greedily from the root's children, gives a valid tree and the optimum under that model.
     """

@@ -4,11 +4,15 @@ With a frozen verifier (Medusa-1) the hidden states of an example never change, 
 the first need not run the verifier again: each example's rows are written the first time it is
 seen and read back afterwards. Rows are kept in the verifier's dtype, so training with the cache
 matches training without it up to float rounding (a forward over a differently padded batch). Storage is a flat ``torch.from_file`` memory map plus
-a per-example "filled" flag file; processes write disjoint examples.
+a per-example "filled" flag file; processes write disjoint examples. ``key`` names what the rows
+were computed from (the loop passes a hash of the verifier's fingerprint and every training
+token): a cache opened with another key is refused, so recipes over the same data and verifier
+can share one folder safely.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -18,7 +22,7 @@ from ..errors import SpecHeadsError
 
 
 class HiddenStateCache:
-    def __init__(self, path: str, lengths: list[int], hidden_size: int, dtype: torch.dtype, create: bool = True):
+    def __init__(self, path: str, lengths: list[int], hidden_size: int, dtype: torch.dtype, create: bool = True, key: str = ""):
         self.path = path
         self.lengths = lengths
         self.offsets = [0]
@@ -27,7 +31,7 @@ class HiddenStateCache:
         total = self.offsets[-1]
         self.hidden_size = hidden_size
         self.dtype = dtype
-        meta = {"tokens": total, "examples": len(lengths), "hidden_size": hidden_size, "dtype": str(dtype)}
+        meta = {"tokens": total, "examples": len(lengths), "hidden_size": hidden_size, "dtype": str(dtype), "key": key}
         meta_path = os.path.join(path, "meta.json")
         data_path, flags_path = os.path.join(path, "hidden.bin"), os.path.join(path, "filled.bin")
         if create and not os.path.isfile(meta_path):
@@ -39,7 +43,9 @@ class HiddenStateCache:
                 json.dump(meta, f)
         with open(meta_path) as f:
             if json.load(f) != meta:
-                raise SpecHeadsError(f"hidden-state cache {path} was made for other data or another verifier; delete it")
+                raise SpecHeadsError(
+                    f"hidden-state cache {path} was made for other data or another verifier; delete it or set training.hidden_cache_dir elsewhere"
+                )
         self.data = torch.from_file(data_path, shared=True, size=total * hidden_size, dtype=dtype).view(total, hidden_size)
         self.filled = torch.from_file(flags_path, shared=True, size=len(lengths), dtype=torch.uint8)
 
@@ -66,6 +72,15 @@ class HiddenStateCache:
             n = self.lengths[ex]
             self.data[self.offsets[ex] : self.offsets[ex] + n] = hidden[i, :n]
             self.filled[ex] = 1
+
+
+def cache_key(verifier_fingerprint: dict, token_rows) -> str:
+    """A hash of the verifier's fingerprint and every example's token ids, in order."""
+    h = hashlib.sha256(json.dumps(verifier_fingerprint, sort_keys=True).encode())
+    for ids in token_rows:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(torch.as_tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _itemsize(dtype: torch.dtype) -> int:

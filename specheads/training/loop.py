@@ -207,7 +207,7 @@ def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None,
                 result = evaluate(objective, module, eval_loader, accelerator)
                 accelerator.log(result, step=step)
                 history.append({"step": step, **result})
-                accelerator.print(f"[specheads] step {step}: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in result.items() if "/rank" not in k))
+                accelerator.print(f"[specheads] step {step}: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in result.items() if "rank" not in k))
                 last_eval = result
                 module.train()
             if step % t.save_every == 0 and step < t.max_steps:
@@ -311,18 +311,21 @@ def _loaded_whole():
 
 
 def _open_hidden_cache(accelerator, train_ds, verifier, t):
-    from .hidden_cache import HiddenStateCache
+    from ..checkpoint import verifier_info
+    from .hidden_cache import HiddenStateCache, cache_key
 
     if t.lora is not None:
         raise SpecHeadsError("training.cache_hidden_states needs a frozen verifier; it cannot be used with training.lora (Medusa-2)")
-    lengths = [len(x["input_ids"]) for x in train_ds]
-    path = os.path.join(t.output_dir, "hidden_cache")
+    rows = train_ds["input_ids"]
+    lengths = [len(ids) for ids in rows]
+    key = cache_key(verifier_info(verifier), rows)
+    path = t.hidden_cache_dir or os.path.join(t.output_dir, "hidden_cache")
     if accelerator.is_main_process:
         accelerator.print(f"[specheads] hidden-state cache at {path}: {HiddenStateCache.describe(lengths, verifier.hidden_size, verifier.dtype)}")
-        cache = HiddenStateCache(path, lengths, verifier.hidden_size, verifier.dtype, create=True)
+        cache = HiddenStateCache(path, lengths, verifier.hidden_size, verifier.dtype, create=True, key=key)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
-        cache = HiddenStateCache(path, lengths, verifier.hidden_size, verifier.dtype, create=False)
+        cache = HiddenStateCache(path, lengths, verifier.hidden_size, verifier.dtype, create=False, key=key)
     return cache
 
 

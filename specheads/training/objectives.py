@@ -169,8 +169,14 @@ class MedusaObjective:
         hits = torch.zeros(B, T, K, dtype=torch.bool, device=hidden.device)
         valid = torch.zeros(B, T, K, dtype=torch.bool, device=hidden.device)
         # rank_hits[k, r]: positions where head k's r-th choice is the token (what a tree's
-        # rank-r node would accept); the data-driven trees (tree "autoN") are built from them.
+        # rank-r node would accept). cond_*: the same counted only where every earlier head had
+        # its token among its top RANKS, i.e. where a tree could have reached depth k. Heads read
+        # one hidden state, so their errors are correlated: the conditional rates are what the
+        # data-driven trees (tree "autoN") are built from.
         rank_hits = torch.zeros(K, RANKS, dtype=torch.long)
+        cond_hits = torch.zeros(K, RANKS, dtype=torch.long)
+        cond_valid = torch.zeros(K, dtype=torch.long)
+        reached = torch.ones(B, T, dtype=torch.bool, device=hidden.device)  # earlier heads all in their top RANKS
         for k in range(K):
             if T <= 2 + k:
                 break
@@ -182,12 +188,18 @@ class MedusaObjective:
             valid[:, : T - 2 - k, k] = mask
             at_rank = (ranked == labels[..., None]) & mask[..., None]
             rank_hits[k, : at_rank.shape[-1]] = at_rank.sum((0, 1)).cpu()
+            here = reached[:, : T - 2 - k] & mask
+            cond_hits[k, : at_rank.shape[-1]] = (at_rank & here[..., None]).sum((0, 1)).cpu()
+            cond_valid[k] = here.sum().cpu()
+            reached = reached[:, : T - 2 - k] & at_rank.any(-1)
         base = valid[..., 0]
         # Run length of consecutive correct heads from head 0, counted where head 0 has a target.
         run = torch.cumprod(hits.int(), dim=-1).sum(-1)
         return {
             "hits": hits.sum((0, 1)).cpu(),
             "rank_hits": rank_hits,
+            "cond_rank_hits": cond_hits,
+            "cond_valid": cond_valid,
             "valid": valid.sum((0, 1)).cpu(),
             "run_sum": run[base].sum().cpu(),
             "positions": base.sum().cpu(),
@@ -200,6 +212,9 @@ class MedusaObjective:
         if "rank_hits" in counts:  # head k's rank-r accuracy, r >= 1 (rank 0 is top1_head{k})
             rank_acc = counts["rank_hits"].float() / counts["valid"].clamp_min(1).float()[:, None]
             out.update({f"eval/rank{r}_head{k}": float(rank_acc[k, r]) for k in range(rank_acc.shape[0]) for r in range(1, rank_acc.shape[1])})
+        if "cond_rank_hits" in counts:  # the same, given that every earlier head had its token in its top ranks
+            cond = counts["cond_rank_hits"].float() / counts["cond_valid"].clamp_min(1).float()[:, None]
+            out.update({f"eval/cond_rank{r}_head{k}": float(cond[k, r]) for k in range(cond.shape[0]) for r in range(cond.shape[1])})
         # Chain tau implied on self-distilled greedy data: 1 + mean consecutive accepted drafts.
         out["eval/tau_top1_chain"] = 1.0 + float(counts["run_sum"]) / max(1, int(counts["positions"]))
         return out

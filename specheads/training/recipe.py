@@ -129,6 +129,10 @@ class TrainingSection:
     log_every: int = 10
     seed: int = 0
     cache_hidden_states: bool = False
+    # Where the cache lives (default <output_dir>/hidden_cache). Recipes over the same data and
+    # verifier may share one folder: its key (the verifier's fingerprint and every training token)
+    # is checked on open, so a folder made for anything else is refused, never misread.
+    hidden_cache_dir: str | None = None
     lora: LoraSection | None = None
 
 
