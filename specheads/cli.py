@@ -41,6 +41,9 @@ def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> No
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches (default: %(default)s)")
+    g.add_argument("--draft-vocab", default="0", help="draft models: score only the N most frequent tokens of the drafter's training "
+                   "answers (its draft_vocab.json), which cuts the draft LM head's cost; lossless, the verifier still decides. 0 = the full vocabulary"
+                   + ("; a comma list sweeps them" if sweep else "") + " (default: %(default)s)")
     g.add_argument("--tree", default="chain", help="Medusa candidate tree: chain, tree4, tree6, tree8, tree16, or autoN (the best N-node tree for the heads' held-out accuracy per rank, recorded at training)" + ("; a comma list sweeps them" if sweep else "") + " (default: %(default)s)")
 
 
@@ -74,18 +77,37 @@ def _setup(args):
     if args.drafter not in ("ngram", "none", "plain"):
         options["trust_remote_code"] = args.trust_remote_code
         options["tree"] = args.tree.split(",")[0]
+        options["draft_vocab"] = _parse_sizes(args.draft_vocab, "--draft-vocab")[0]
     drafter = build_drafter(args.drafter, verifier, **options)
     return verifier, drafter
 
 
-def _tree_variants(args, verifier, drafter) -> dict:
-    """For a Medusa drafter and several --tree shapes: one drafter per shape, sharing the heads."""
+def _parse_sizes(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise SpecHeadsError(f"{flag} must be integers separated by commas, got '{text}'") from None
+    if not values or any(v < 0 for v in values):
+        raise SpecHeadsError(f"{flag} must be >= 0, got '{text}'")
+    return values
+
+
+def _variants(args, verifier, drafter) -> dict:
+    """Drafters to sweep side by side, sharing one set of weights: a Medusa drafter's --tree shapes,
+    or a draft model's --draft-vocab sizes."""
+    from .draft_vocab import top_tokens
+    from .drafters.draft_model import DraftModelDrafter
     from .drafters.medusa import MedusaDrafter
 
     trees = [t for t in args.tree.split(",") if t]
-    if not isinstance(drafter, MedusaDrafter) or len(trees) < 2:
-        return {}
-    return {f"tree={t}": MedusaDrafter(drafter.heads, verifier, tree=t) for t in trees}
+    if isinstance(drafter, MedusaDrafter) and len(trees) > 1:
+        return {f"tree={t}": MedusaDrafter(drafter.heads, verifier, tree=t) for t in trees}
+    sizes = _parse_sizes(args.draft_vocab, "--draft-vocab")
+    if isinstance(drafter, DraftModelDrafter) and len(sizes) > 1:
+        return {f"vocab={n or 'all'}": DraftModelDrafter(drafter.model, verifier.vocab_size, model_name=args.drafter,
+                                                         draft_vocab=top_tokens(args.drafter, n, verifier.vocab_size) if n else None)
+                for n in sizes}
+    return {}
 
 
 def _sampling(args):
@@ -118,13 +140,7 @@ def cmd_generate(args) -> int:
 
 
 def _parse_draft_lengths(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in str(text).split(",") if x.strip())
-    except ValueError:
-        raise SpecHeadsError(f"--num-draft-tokens must be integers separated by commas, got '{text}'") from None
-    if not values or any(v < 0 for v in values):
-        raise SpecHeadsError(f"--num-draft-tokens must be >= 0, got '{text}'")
-    return values
+    return _parse_sizes(text, "--num-draft-tokens")
 
 
 def run_bench(args) -> dict:
@@ -144,7 +160,7 @@ def run_bench(args) -> dict:
         raise SpecHeadsError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
     prompts = load_prompts(args.prompts, field=args.prompt_field, limit=args.num_prompts)
     verifier, drafter = _setup(args)
-    cfg.variants = _tree_variants(args, verifier, drafter)
+    cfg.variants = _variants(args, verifier, drafter)
     encoded = [verifier.encode(p) for p in prompts]
     report = run_benchmark(verifier, drafter, encoded, cfg)
     report["prompts"] = args.prompts
@@ -186,6 +202,29 @@ def cmd_demo(args) -> int:
             f"T={report['temperature']}): tau {m['tau']:.2f}, speedup {m['speedup']:.2f}x over plain decoding, "
             f"identical to the verifier: {m['identical_to_verifier']}\ndrafter checkpoint: {final}\nreport: {args.output}/report.json"
         )
+    return 0
+
+
+def cmd_draft_vocab(args) -> int:
+    """Write draft_vocab.json into a draft model folder from the answers of a self-distilled dataset."""
+    import json
+    import os
+
+    from .draft_vocab import FILE, answer_token_counts, write_ranking
+    from .training.data import load_self_distilled
+
+    config_path = os.path.join(args.drafter, "config.json")
+    if not os.path.isfile(config_path):
+        raise SpecHeadsError(f"{args.drafter} is not a model directory (no config.json)")
+    with open(config_path) as f:
+        vocab_size = json.load(f).get("vocab_size")
+    if not isinstance(vocab_size, int):
+        raise SpecHeadsError(f"{config_path} has no vocab_size")
+    counts = answer_token_counts(load_self_distilled(args.data), vocab_size)
+    if int(counts.sum()) == 0:
+        raise SpecHeadsError(f"{args.data} holds no answer tokens to rank")
+    write_ranking(args.drafter, counts, source=f"answer tokens of {args.data}")
+    print(f"[specheads] {os.path.join(args.drafter, FILE)}: {int((counts > 0).sum())} distinct tokens ranked from {int(counts.sum())} answer tokens of {args.data}")
     return 0
 
 
@@ -285,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verifier", default=None, help="verifier alias or directory, loaded only when the export needs it "
                    "(a shared Medusa LM head) or to check the drafter against it (default: the checkpoint's recorded verifier, when needed)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("draft-vocab", help="rank a draft model's tokens by frequency in its training answers (for --draft-vocab N)",
+                       description="Write draft_vocab.json into a draft model folder: the tokens of a self-distilled dataset's answers, "
+                       "most frequent first. specheads writes it when it trains a draft model; this adds it to one trained elsewhere.")
+    p.add_argument("drafter", help="draft model directory")
+    p.add_argument("--data", required=True, help="self-distilled dataset folder (e.g. runs/data/smollm2-full)")
+    p.set_defaults(func=cmd_draft_vocab)
 
     p = sub.add_parser("demo", help="the embedded-default job: train Medusa heads for SmolLM2-135M, benchmark them, print the speedup",
                        description="Self-distil data from the embedded SmolLM2-135M verifier, train Medusa-1 heads with the quick "

@@ -128,6 +128,8 @@ def test_bench_sweeps_medusa_trees(tiny_dirs, tmp_path):
     assert report["drafter"] == "medusa"
     for m in report["methods"].values():
         assert m["identical_to_verifier"] is True
+    # Medusa heads fix their vocabulary at training: --draft-vocab is refused, not ignored
+    assert main(bench_args(tiny_dirs, tmp_path / "bad", str(tmp_path / "medusa"), "--draft-vocab", "8", "--no-hf")) == 2
 
 
 @pytest.mark.parametrize("drafter", ["none", "ngram"])
@@ -145,3 +147,22 @@ def test_stop_string_ends_generation_at_the_completing_token(tiny_dirs, drafter)
     out = decoder.generate(ids, max_new_tokens=30, eos_token_ids=[], stop_strings=[stop])
     assert out.token_ids == full[:expected]
     assert out.finish_reason == "stop_string"
+
+
+def test_bench_sweeps_draft_vocabularies(tiny_dirs, tmp_path):
+    """--draft-vocab 0,12 runs the draft model over its full vocabulary and its 12 most frequent
+    tokens side by side, both lossless."""
+    import shutil
+
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny_dirs["draft"], draft)
+    ranked = list(range(3, 40))  # a ranking file as specheads writes it: most frequent first
+    (draft / "draft_vocab.json").write_text(json.dumps({"source": "test", "token_ids": ranked, "counts": [1] * len(ranked)}))
+    args = bench_args(tiny_dirs, tmp_path / "out", str(draft), "--draft-vocab", "0,12", "--num-draft-tokens", "3", "--no-hf")
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["methods"]) == {"plain", "speculative[vocab=all]", "speculative[vocab=12]"}
+    for m in report["methods"].values():
+        assert m["identical_to_verifier"] is True
+    assert main(bench_args(tiny_dirs, tmp_path / "bad", str(draft), "--draft-vocab", "-1", "--no-hf")) == 2
+    assert main(bench_args(tiny_dirs, tmp_path / "bad", str(draft), "--draft-vocab", "999", "--no-hf")) == 2

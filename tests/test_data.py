@@ -406,3 +406,21 @@ def test_data_only_run_self_distils_the_recipe_and_trains_nothing(verifier, tmp_
     assert where == str(tmp_path / "sd")
     assert load_self_distilled(where).num_rows == len(PROMPTS)
     assert not (tmp_path / "run" / "drafter").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_draft_vocab_command_ranks_a_draft_models_tokens(verifier, reference, tmp_path, capsys):
+    """`specheads draft-vocab DIR --data SELF_DISTILLED` adds the ranking --draft-vocab reads."""
+    from specheads.cli import main
+    from specheads.draft_vocab import read_ranking
+
+    ref_rows, folder = reference
+    model_dir = tmp_path / "student"
+    verifier.model.save_pretrained(model_dir)
+    assert main(["draft-vocab", str(model_dir), "--data", str(folder)]) == 0
+    answers = [t for r in ref_rows for t in r["input_ids"][r["prompt_length"]:]]
+    ranked = read_ranking(model_dir)
+    assert sorted(ranked) == sorted(set(answers))
+    counts = [answers.count(t) for t in ranked]
+    assert counts == sorted(counts, reverse=True)
+    assert main(["draft-vocab", str(model_dir), "--data", str(tmp_path)]) == 2
+    assert f"{tmp_path} is not a self-distillation directory" in capsys.readouterr().err

@@ -4,6 +4,7 @@ the saved model directory, resume and on-policy data, on tiny random models."""
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,6 +259,23 @@ def test_trained_student_accepts_more_and_its_directory_loads_everywhere(tmp_pat
     # ... and refuses it for another verifier (the metadata names the one it was trained for)
     with pytest.raises(SpecHeadsError, match="LM head hash"):
         build_drafter(final, make_verifier("llama", seed=5))
+
+    # The folder ranks the training answers' tokens (draft_vocab.json); --draft-vocab N scores only
+    # the top N of them, still losslessly.
+    ranking = json.loads((Path(final) / "draft_vocab.json").read_text())
+    answers = [t for x in counting_data(96, 0) for t in x["input_ids"][x["prompt_length"]:]]
+    assert sorted(ranking["token_ids"]) == sorted(set(answers))
+    assert ranking["counts"] == sorted(ranking["counts"], reverse=True) and sum(ranking["counts"]) == len(answers)
+    assert ranking["counts"][0] == max(answers.count(t) for t in set(answers))
+    cut = build_drafter(final, teacher, draft_vocab=8)
+    assert cut.draft_vocab.tolist() == ranking["token_ids"][:8]
+    out = SpeculativeDecoder(teacher, cut, num_draft_tokens=3).generate(prompt, max_new_tokens=20, eos_token_ids=[EOS])
+    assert out.token_ids == ref
+    with pytest.raises(SpecHeadsError, match=r"--draft-vocab 100000 is out of range: .* ranks \d+ tokens"):
+        build_drafter(final, teacher, draft_vocab=100000)
+    (Path(final) / "draft_vocab.json").unlink()
+    with pytest.raises(SpecHeadsError, match="has no draft_vocab.json .*`specheads draft-vocab"):
+        build_drafter(final, teacher, draft_vocab=8)
 
 
 class Interrupted(Exception):

@@ -18,6 +18,7 @@ from specheads.decoding import SpeculativeDecoder
 from specheads.drafters import DraftModelDrafter, NgramDrafter
 
 N_NEW = 40
+DRAFT_VOCAB = [i for i in range(VOCAB) if i % 3]
 PROMPTS = REPETITIVE_PROMPTS
 reference = greedy_reference
 
@@ -33,6 +34,8 @@ def make_drafter(kind: str | None, arch: str):
         return DraftModelDrafter(noisy_model(arch), VOCAB)
     if kind == "other":
         return DraftModelDrafter(cached_verifier(arch, 1).model, VOCAB)
+    if kind == "noisy_vocab":  # the noisy copy scoring two thirds of the vocabulary: drafts never hold the rest
+        return DraftModelDrafter(noisy_model(arch), VOCAB, draft_vocab=DRAFT_VOCAB)
     raise ValueError(kind)
 
 
@@ -82,6 +85,7 @@ CASES = [
     pytest.param("noisy", 5, False, id="noisy-k5"),
     pytest.param("noisy", 4, True, id="noisy-adaptive"),
     pytest.param("other", 3, False, id="other-k3"),
+    pytest.param("noisy_vocab", 3, False, id="noisy-draft-vocab-k3"),
 ]
 
 
@@ -117,7 +121,7 @@ def test_engine_matches_hf_greedy(arch, verifier, kind, k, adaptive):
     if kind is not None:
         assert drafted > 0
         assert accepted > 0 or kind == "other", f"{kind}: nothing accepted, so the test exercised no acceptance"
-        if kind in ("noisy", "other"):
+        if kind in ("noisy", "other", "noisy_vocab"):
             assert accepted < drafted, f"{kind}: no rejection at all, so the test exercised no rollback"
 
 

@@ -6,6 +6,8 @@ after a run with rejections, and the draft model's cache resynchronisation betwe
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -159,3 +161,42 @@ def test_draft_model_resync_when_sampling(arch):
     _, fresh = _fresh_proposal(model, PROMPT, tokens2, k, sampling, seed=5)
     assert second.tokens.tolist() == fresh.tokens.tolist()
     assert torch.allclose(second.draft_probs, fresh.draft_probs, atol=1e-5)
+
+
+def test_draft_vocabulary_scores_only_its_tokens(arch):
+    """With a draft vocabulary the drafter's logits are the model's own on those ids (-inf elsewhere),
+    the cache stays in step with a full-vocabulary drafter, and bad vocabularies are refused."""
+    from specheads.errors import SpecHeadsError
+
+    model = noisy_model(arch)
+    ids = [i for i in range(VOCAB) if i % 4]
+    prompt = [5, 9, 13, 2, 7]
+    cut, full = DraftModelDrafter(model, VOCAB, draft_vocab=ids), DraftModelDrafter(model, VOCAB)
+    for d in (cut, full):
+        d.start(prompt)
+    a, b = cut._forward(prompt), full._forward(prompt)
+    torch.testing.assert_close(a[ids], b[ids], rtol=1e-4, atol=1e-4)
+    assert torch.isinf(a[[i for i in range(VOCAB) if i % 4 == 0]]).all()
+    proposal = cut.propose(_ctx(prompt, 4))
+    assert len(proposal) == 4 and all(int(t) % 4 for t in proposal.tokens), proposal.tokens
+    assert int(proposal.tokens[0]) == ids[int(b[ids].argmax())]  # greedy: the most probable token of the draft vocabulary
+    with pytest.raises(SpecHeadsError, match="distinct token ids"):
+        DraftModelDrafter(model, VOCAB, draft_vocab=[1, 1, 2])
+    with pytest.raises(SpecHeadsError, match="distinct token ids"):
+        DraftModelDrafter(model, VOCAB, draft_vocab=[1, VOCAB])
+
+
+def test_draft_vocabulary_refused_for_models_that_change_logits_after_the_head():
+    from specheads.errors import SpecHeadsError
+
+    model = copy.deepcopy(noisy_model("llama"))
+    forward = model.forward
+
+    def scaled(*args, **kwargs):  # like a model with a logit scale or soft-capping after its LM head
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled
+    with pytest.raises(SpecHeadsError, match="transforms its logits after the LM head"):
+        DraftModelDrafter(model, VOCAB, draft_vocab=list(range(10)))

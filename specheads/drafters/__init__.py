@@ -33,13 +33,18 @@ def register_checkpoint_kind(kind: str):
     return wrap
 
 
-def load_draft_model(path: str, verifier, *, trust_remote_code: bool = False, **_) -> DraftModelDrafter:
+def load_draft_model(path: str, verifier, *, trust_remote_code: bool = False, draft_vocab: int = 0, **_) -> DraftModelDrafter:
+    """A draft model directory; ``draft_vocab`` N > 0 scores only the N most frequent tokens of
+    its training answers (its ``draft_vocab.json``)."""
     from transformers import AutoModelForCausalLM
 
+    from ..draft_vocab import top_tokens
+
+    ids = top_tokens(path, draft_vocab, verifier.vocab_size) if draft_vocab else None
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=verifier.dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     ).to(verifier.device)
-    return DraftModelDrafter(model, verifier.vocab_size, model_name=f"draft model {path}")
+    return DraftModelDrafter(model, verifier.vocab_size, model_name=f"draft model {path}", draft_vocab=ids)
 
 
 from .medusa import load_medusa_drafter  # noqa: E402  (needs register_checkpoint_kind defined)

@@ -2,6 +2,12 @@
 
 It keeps its own KV cache. Between steps the cache is synchronised with the accepted tokens by
 their longest common prefix, so rejected drafts are cropped and only new tokens are run.
+
+With a draft vocabulary (``draft_vocab``: token ids, see ``specheads.draft_vocab``) the model's
+LM head scores only those tokens: its body runs as usual, and the last hidden state meets the
+head's rows for those ids, cut once. Drafts then never leave that set, and the sampling
+distribution q is the model's, renormalised over it, which is exactly what the rejection rule is
+given: the output stays the verifier's, in distribution and at T = 0 token for token.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ class DraftModelDrafter:
     name = "draft_model"
     needs_hidden_states = False
 
-    def __init__(self, model, verifier_vocab_size: int, model_name: str = "draft model"):
+    def __init__(self, model, verifier_vocab_size: int, model_name: str = "draft model", draft_vocab: list[int] | None = None):
         vocab = _output_vocab(model)
         if vocab != verifier_vocab_size:
             raise SpecHeadsError(
@@ -31,8 +37,35 @@ class DraftModelDrafter:
             )
         self.model = model.eval()
         self.model.requires_grad_(False)
+        self.vocab_size = vocab
         self._cache = None
         self._cached: list[int] = []  # tokens whose keys/values are in self._cache
+        self.draft_vocab = None
+        if draft_vocab is not None:
+            self._cut_head(draft_vocab, model_name)
+
+    def _cut_head(self, ids: list[int], model_name: str) -> None:
+        head = self.model.get_output_embeddings()
+        if not ids or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise SpecHeadsError(f"draft vocabulary for {model_name}: need distinct token ids in [0, {self.vocab_size}), got {len(ids)} ids")
+        self.draft_vocab = torch.tensor(ids, device=head.weight.device)
+        self._rows = head.weight[self.draft_vocab].detach().clone()
+        self._bias = None if getattr(head, "bias", None) is None else head.bias[self.draft_vocab].detach().clone()
+        # The body's last hidden state times the head's rows must be the model's own logits: true
+        # for plain LM heads, not for models that rescale or soft-cap logits after the head.
+        probe = torch.tensor([[ids[0], ids[-1], ids[len(ids) // 2]]], device=head.weight.device)
+        with torch.inference_mode():
+            full = self.model(input_ids=probe, use_cache=False).logits[0][:, self.draft_vocab]
+            cut = self._head(self.model.base_model(input_ids=probe, use_cache=False).last_hidden_state[0])
+        if not torch.allclose(full.float(), cut.float(), rtol=1e-3, atol=1e-3 * float(full.abs().max()) + 1e-5):
+            raise SpecHeadsError(
+                f"{model_name} ({type(self.model).__name__}) transforms its logits after the LM head; "
+                "a draft vocabulary is not supported for it (leave --draft-vocab at 0)"
+            )
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = hidden @ self._rows.T
+        return logits if self._bias is None else logits + self._bias
 
     def start(self, prompt_ids: list[int]) -> None:
         self._cache = new_cache(self.model)
@@ -41,15 +74,18 @@ class DraftModelDrafter:
 
     @torch.inference_mode()
     def _forward(self, ids: list[int]) -> torch.Tensor:
+        """Logits [V] after ``ids``; with a draft vocabulary, -inf outside it."""
         device = self.model.get_output_embeddings().weight.device
-        out = self.model(
-            input_ids=torch.tensor([ids], device=device),
-            **self._cache_kw,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        input_ids = torch.tensor([ids], device=device)
+        if self.draft_vocab is None:
+            out = self.model(input_ids=input_ids, **self._cache_kw, use_cache=True, logits_to_keep=1)
+            self._cached.extend(ids)
+            return out.logits[0, -1]
+        hidden = self.model.base_model(input_ids=input_ids, **self._cache_kw, use_cache=True).last_hidden_state[0, -1]
         self._cached.extend(ids)
-        return out.logits[0, -1]
+        logits = torch.full((self.vocab_size,), float("-inf"), device=device, dtype=hidden.dtype)
+        logits[self.draft_vocab] = self._head(hidden)
+        return logits
 
     def propose(self, ctx: DraftContext) -> Candidates:
         k = ctx.num_draft_tokens

@@ -32,6 +32,7 @@ import json
 import torch
 
 from ..checkpoint import CONFIG, FORMAT_VERSION, atomic_directory, verifier_info
+from ..draft_vocab import write_ranking
 from ..errors import SpecHeadsError
 from ..student import build_student
 from .losses import acceptance_rate, cross_entropy, divergence
@@ -47,8 +48,10 @@ def chain_tau(alpha: float, k: int) -> float:
 
 
 class DistillObjective:
-    def __init__(self, verifier, drafter_cfg, objective_cfg, *, seed: int = 0, trust_remote_code: bool = False):
+    def __init__(self, verifier, drafter_cfg, objective_cfg, *, seed: int = 0, trust_remote_code: bool = False,
+                 token_counts: torch.Tensor | None = None):
         self.verifier = verifier
+        self.token_counts = token_counts  # answer-token counts of the training data: the saved draft_vocab.json
         self.cfg = objective_cfg
         self.student_cfg = drafter_cfg.student
         student = build_student(drafter_cfg.student, verifier, seed=seed, trust_remote_code=trust_remote_code)
@@ -220,11 +223,12 @@ class DistillObjective:
         }
         if training:
             hyper_parameters["training"] = training
-        return save_draft_model(path, model, verifier, hyper_parameters)
+        return save_draft_model(path, model, verifier, hyper_parameters, token_counts=self.token_counts)
 
 
-def save_draft_model(path, model, verifier, hyper_parameters: dict):
-    """``save_pretrained`` + the verifier's tokenizer + the specheads block in config.json, atomically."""
+def save_draft_model(path, model, verifier, hyper_parameters: dict, token_counts: torch.Tensor | None = None):
+    """``save_pretrained`` + the verifier's tokenizer + the specheads block in config.json (+ the
+    token ranking of the training answers, ``draft_vocab.json``), atomically."""
 
     def write(tmp):
         model.save_pretrained(tmp, safe_serialization=True)
@@ -239,6 +243,8 @@ def save_draft_model(path, model, verifier, hyper_parameters: dict):
             "verifier": verifier_info(verifier),
         }
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+        if token_counts is not None:
+            write_ranking(tmp, token_counts, source="answer tokens of the training data")
 
     return atomic_directory(path, write)
 

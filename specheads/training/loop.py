@@ -64,16 +64,6 @@ def _latest_checkpoint(output_dir: str) -> tuple[str, int] | None:
     return None
 
 
-def build_token_map(train, vocab_size: int, draft_vocab_size: int) -> torch.Tensor:
-    """The draft vocabulary: the most frequent answer tokens of the training data (ids sorted)."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for x in train:
-        ids = torch.tensor(x["input_ids"][x["prompt_length"] :], dtype=torch.long)
-        counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size]
-    top = counts.topk(draft_vocab_size).indices
-    return top.sort().values
-
-
 def train(recipe: Recipe, *, resume: bool = False, verifier=None, datasets=None, progress: bool = True,
           data_only: bool = False) -> str:
     """Run a recipe; returns the path of the final drafter checkpoint.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..draft_vocab import answer_token_counts, build_token_map
 from ..drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
 from .losses import cross_entropy, forward_kl
 
@@ -241,8 +242,8 @@ def make_objective(recipe, verifier, train_ds):
         from .distill import DistillObjective
 
         return DistillObjective(verifier, recipe.drafter, recipe.objective, seed=recipe.training.seed,
-                                trust_remote_code=recipe.verifier.trust_remote_code)
-    from .loop import build_token_map
+                                trust_remote_code=recipe.verifier.trust_remote_code,
+                                token_counts=answer_token_counts(train_ds, verifier.vocab_size))
 
     token_map = None
     if recipe.drafter.draft_vocab_size:
