@@ -210,6 +210,8 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
     return {
         "verifier": verifier.name,
         "drafter": getattr(drafter, "name", None),
+        # e.g. the Medusa tree that --tree auto chose; swept variants name theirs in their labels
+        "drafter_detail": None if cfg.variants else getattr(drafter, "detail", None),
         "device": str(verifier.device),
         "dtype": str(verifier.dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
@@ -255,7 +257,8 @@ def _counts(rows: list[int]) -> str:
 
 def markdown_table(report: dict) -> str:
     lines = [
-        f"verifier `{report['verifier']}`, drafter `{report['drafter']}`, {report['device']} {report['dtype']}, "
+        f"verifier `{report['verifier']}`, drafter `{report['drafter']}`"
+        + (f" ({report['drafter_detail']})" if report.get("drafter_detail") else "") + f", {report['device']} {report['dtype']}, "
         f"{report['torch_threads']} threads, {report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
         f"T={report['temperature']}",
         "",

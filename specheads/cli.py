@@ -44,7 +44,9 @@ def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> No
     g.add_argument("--draft-vocab", default="0", help="draft models: score only the N most frequent tokens of the drafter's training "
                    "answers (its draft_vocab.json), which cuts the draft LM head's cost; lossless, the verifier still decides. 0 = the full vocabulary"
                    + ("; a comma list sweeps them" if sweep else "") + " (default: %(default)s)")
-    g.add_argument("--tree", default="chain", help="Medusa candidate tree: chain, tree4, tree6, tree8, tree16, or autoN (the best N-node tree for the heads' held-out accuracy per rank, recorded at training)" + ("; a comma list sweeps them" if sweep else "") + " (default: %(default)s)")
+    g.add_argument("--tree", default="auto", help="Medusa candidate tree: chain, tree4, tree6, tree8, tree16, autoN (the best N-node tree for the "
+                   "heads' held-out accuracy per rank, recorded at training), or auto (auto3 on a CPU, where it measured fastest; auto16 on a GPU)"
+                   + ("; a comma list sweeps them" if sweep else "") + " (default: %(default)s)")
 
 
 def _setup(args):
@@ -101,7 +103,8 @@ def _variants(args, verifier, drafter) -> dict:
 
     trees = [t for t in args.tree.split(",") if t]
     if isinstance(drafter, MedusaDrafter) and len(trees) > 1:
-        return {f"tree={t}": MedusaDrafter(drafter.heads, verifier, tree=t) for t in trees}
+        variants = [MedusaDrafter(drafter.heads, verifier, tree=t) for t in trees]
+        return {f"tree={t}" if t == d.tree else f"tree={t}:{d.tree}": d for t, d in zip(trees, variants)}
     sizes = _parse_sizes(args.draft_vocab, "--draft-vocab")
     if isinstance(drafter, DraftModelDrafter) and len(sizes) > 1:
         return {f"vocab={n or 'all'}": DraftModelDrafter(drafter.model, verifier.vocab_size, model_name=args.drafter,
@@ -198,7 +201,7 @@ def cmd_demo(args) -> int:
     for n in [n for n in report["methods"] if n.startswith("speculative")]:
         m = report["methods"][n]
         print(
-            f"\nMedusa heads on {report['verifier']} ({report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
+            f"\nMedusa heads ({report['drafter_detail']}) on {report['verifier']} ({report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
             f"T={report['temperature']}): tau {m['tau']:.2f}, speedup {m['speedup']:.2f}x over plain decoding, "
             f"identical to the verifier: {m['identical_to_verifier']}\ndrafter checkpoint: {final}\nreport: {args.output}/report.json"
         )

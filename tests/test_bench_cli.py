@@ -61,6 +61,7 @@ def test_bench_report_with_draft_model(tiny_dirs, tmp_path):
     assert 1.0 <= spec["tau"] <= 5.0
     assert "ceiling_speedup" in spec
     assert (tmp_path / "report.md").read_text().count("| speculative |") == 1
+    assert "drafter `draft_model` (full vocabulary)" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "report.png").stat().st_size > 1000
 
 
@@ -121,10 +122,11 @@ def test_bench_sweeps_medusa_trees(tiny_dirs, tmp_path):
     heads = MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=verifier.vocab_size, num_heads=3))
     heads.init_lm_heads_from(verifier.model.lm_head.weight)
     save_medusa(tmp_path / "medusa", heads, verifier)
-    args = bench_args(tiny_dirs, tmp_path / "out", str(tmp_path / "medusa"), "--tree", "chain,tree8", "--num-draft-tokens", "3", "--no-hf")
+    args = bench_args(tiny_dirs, tmp_path / "out", str(tmp_path / "medusa"), "--tree", "chain,tree8,auto", "--num-draft-tokens", "3", "--no-hf")
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert set(report["methods"]) == {"plain", "speculative[tree=chain]", "speculative[tree=tree8]"}
+    # untrained heads record no accuracy, so auto is the CPU's preset of the same size
+    assert set(report["methods"]) == {"plain", "speculative[tree=chain]", "speculative[tree=tree8]", "speculative[tree=auto:tree4]"}
     assert report["drafter"] == "medusa"
     for m in report["methods"].values():
         assert m["identical_to_verifier"] is True

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,7 @@ def test_training_learns_a_learnable_continuation(tmp_path):
     acc = heads.rank_accuracy
     assert acc is not None and [len(row) for row in acc] == [4, 4, 4]
     assert all(row[0] > 0.9 and sum(row) <= 1 + 1e-6 for row in acc), acc  # a token has one rank
+    assert build_drafter(final, v).tree == "auto3"  # the default, --tree auto, on this CPU
     tree = build_drafter(final, v, tree="auto5")
     assert {(0,), (0, 0), (0, 0, 0)} <= set(tree.paths) and len(tree.paths) == 5
     out = SpeculativeDecoder(v, tree, num_draft_tokens=3).generate(prompt, max_new_tokens=30, eos_token_ids=[1])
@@ -152,6 +154,11 @@ def test_best_tree_takes_the_most_probable_paths_and_needs_recorded_accuracy():
     assert len(best_tree(acc, 100)) == 12
     with pytest.raises(SpecHeadsError, match="auto6.*does not hold"):
         tree_paths("auto6", 2, None)
+    # --tree auto: the size measured fastest on a CPU, larger on a GPU; a preset without recorded accuracy
+    from specheads.drafters.medusa import device_tree
+
+    assert device_tree("cpu", True) == "auto3" and device_tree("cpu", False) == "tree4"
+    assert device_tree("cuda", True) == "auto16" and device_tree("cuda", False) == "tree16"
     with pytest.raises(SpecHeadsError, match="autoN needs a node count"):
         tree_paths("autox", 2, acc)
 
@@ -382,6 +389,20 @@ def test_hidden_state_cache_is_shared_by_key_and_refused_for_other_data(tmp_path
     finally:
         v.model.forward = real_forward
     assert sum(1 for b in calls if b == 8) == 1, calls  # the eval batch only
+    # A cache written before caches were keyed is rebuilt, not trusted and not refused.
+    meta_path = Path(shared) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["key"]
+    meta_path.write_text(json.dumps(meta))
+    calls.clear()
+    v.model.forward = lambda *a, **k: calls.append(k.get("input_ids", a[0] if a else None).shape[0]) or real_forward(*a, **k)
+    try:
+        train(recipe(tmp_path / "d", "training.max_steps=4", "training.cache_hidden_states=true", f"training.hidden_cache_dir={shared}"),
+              verifier=v, datasets=data, progress=False)
+    finally:
+        v.model.forward = real_forward
+    assert sum(1 for b in calls if b == 8) == 4 + 1, calls  # every training batch ran the verifier again
+    assert "key" in json.loads(meta_path.read_text())
     other = Dataset.from_list([{**x, "input_ids": [2 + (t - 1) % (V - 2) for t in x["input_ids"]]} for x in data[0]])
     assert [len(x["input_ids"]) for x in other] == [len(x["input_ids"]) for x in data[0]]  # same lengths: only the key tells them apart
     assert other["input_ids"] != data[0]["input_ids"]

@@ -44,6 +44,10 @@ class DraftModelDrafter:
         if draft_vocab is not None:
             self._cut_head(draft_vocab, model_name)
 
+    @property
+    def detail(self) -> str:
+        return "full vocabulary" if self.draft_vocab is None else f"draft vocabulary of {len(self.draft_vocab)} tokens"
+
     def _cut_head(self, ids: list[int], model_name: str) -> None:
         head = self.model.get_output_embeddings()
         if not ids or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= self.vocab_size:

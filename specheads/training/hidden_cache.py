@@ -34,6 +34,8 @@ class HiddenStateCache:
         meta = {"tokens": total, "examples": len(lengths), "hidden_size": hidden_size, "dtype": str(dtype), "key": key}
         meta_path = os.path.join(path, "meta.json")
         data_path, flags_path = os.path.join(path, "hidden.bin"), os.path.join(path, "filled.bin")
+        if create and os.path.isfile(meta_path) and "key" not in _read(meta_path):
+            os.remove(meta_path)  # written before caches were keyed: its rows cannot be vouched for, so rebuild
         if create and not os.path.isfile(meta_path):
             os.makedirs(path, exist_ok=True)
             for p, nbytes in ((data_path, total * hidden_size * _itemsize(dtype)), (flags_path, len(lengths))):
@@ -72,6 +74,11 @@ class HiddenStateCache:
             n = self.lengths[ex]
             self.data[self.offsets[ex] : self.offsets[ex] + n] = hidden[i, :n]
             self.filled[ex] = 1
+
+
+def _read(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def cache_key(verifier_fingerprint: dict, token_rows) -> str:
