@@ -378,34 +378,30 @@ def test_hidden_state_cache_is_shared_by_key_and_refused_for_other_data(tmp_path
     v = tiny_verifier()
     shared = str(tmp_path / "shared_cache")
     data = (counting_data(32, 0), counting_data(8, 1))
-    train(recipe(tmp_path / "a", "training.max_steps=4", "training.cache_hidden_states=true", f"training.hidden_cache_dir={shared}"),
-          verifier=v, datasets=data, progress=False)
-    calls = []
-    real_forward = v.model.forward
-    v.model.forward = lambda *a, **k: calls.append(k.get("input_ids", a[0] if a else None).shape[0]) or real_forward(*a, **k)
-    try:
-        train(recipe(tmp_path / "b", "training.max_steps=4", "training.cache_hidden_states=true", f"training.hidden_cache_dir={shared}"),
-              verifier=v, datasets=data, progress=False)
-    finally:
-        v.model.forward = real_forward
-    assert sum(1 for b in calls if b == 8) == 1, calls  # the eval batch only
+
+    def verifier_batches(run: str, datasets=data) -> int:
+        """Train 4 steps with the shared cache; count the verifier forwards over full batches of 8."""
+        calls = []
+        real_forward = v.model.forward
+        v.model.forward = lambda *a, **k: calls.append(k.get("input_ids", a[0] if a else None).shape[0]) or real_forward(*a, **k)
+        try:
+            train(recipe(tmp_path / run, "training.max_steps=4", "training.cache_hidden_states=true", f"training.hidden_cache_dir={shared}"),
+                  verifier=v, datasets=datasets, progress=False)
+        finally:
+            v.model.forward = real_forward
+        return sum(1 for b in calls if b == 8)
+
+    assert verifier_batches("a") == 4 + 1  # fills the cache
+    assert verifier_batches("b") == 1  # the eval batch only
     # A cache written before caches were keyed is rebuilt, not trusted and not refused.
     meta_path = Path(shared) / "meta.json"
     meta = json.loads(meta_path.read_text())
     del meta["key"]
     meta_path.write_text(json.dumps(meta))
-    calls.clear()
-    v.model.forward = lambda *a, **k: calls.append(k.get("input_ids", a[0] if a else None).shape[0]) or real_forward(*a, **k)
-    try:
-        train(recipe(tmp_path / "d", "training.max_steps=4", "training.cache_hidden_states=true", f"training.hidden_cache_dir={shared}"),
-              verifier=v, datasets=data, progress=False)
-    finally:
-        v.model.forward = real_forward
-    assert sum(1 for b in calls if b == 8) == 4 + 1, calls  # every training batch ran the verifier again
+    assert verifier_batches("d") == 4 + 1
     assert "key" in json.loads(meta_path.read_text())
     other = Dataset.from_list([{**x, "input_ids": [2 + (t - 1) % (V - 2) for t in x["input_ids"]]} for x in data[0]])
     assert [len(x["input_ids"]) for x in other] == [len(x["input_ids"]) for x in data[0]]  # same lengths: only the key tells them apart
     assert other["input_ids"] != data[0]["input_ids"]
     with pytest.raises(SpecHeadsError, match="made for other data or another verifier"):
-        train(recipe(tmp_path / "c", "training.max_steps=4", "training.cache_hidden_states=true", f"training.hidden_cache_dir={shared}"),
-              verifier=v, datasets=(other, data[1]), progress=False)
+        verifier_batches("c", (other, data[1]))
