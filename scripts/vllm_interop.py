@@ -200,7 +200,7 @@ def specheads_side(args) -> int:
     for name, source in sources.items():
         t = time.perf_counter()
         export = export_vllm(source, work / "vllm" / name, verifier=verifier)
-        recorder = RecordingDrafter(build_drafter(str(source), verifier))
+        recorder = RecordingDrafter(build_drafter(str(source), verifier, tree="chain"))  # vLLM drafts a top-1 chain
         outs, steps, stats = decode(recorder)
         drafters[name] = {
             "source": str(source),

@@ -136,7 +136,7 @@ def test_training_learns_a_learnable_continuation(tmp_path):
     acc = heads.rank_accuracy
     assert acc is not None and [len(row) for row in acc] == [4, 4, 4]
     assert all(row[0] > 0.9 and sum(row) <= 1 + 1e-6 for row in acc), acc  # a token has one rank
-    assert build_drafter(final, v).tree == "auto3"  # the default, --tree auto, on this CPU
+    assert build_drafter(final, v, tree="auto").tree == "auto3"  # the CLI's default on this CPU
     tree = build_drafter(final, v, tree="auto5")
     assert {(0,), (0, 0), (0, 0, 0)} <= set(tree.paths) and len(tree.paths) == 5
     out = SpeculativeDecoder(v, tree, num_draft_tokens=3).generate(prompt, max_new_tokens=30, eos_token_ids=[1])

@@ -306,7 +306,7 @@ def load_medusa_heads(path, verifier=None) -> MedusaHeads:
     return heads
 
 
-def load_medusa_drafter(path, verifier, *, tree: str | list = "auto", draft_vocab: int = 0, **_) -> MedusaDrafter:
+def load_medusa_drafter(path, verifier, *, tree: str | list = "chain", draft_vocab: int = 0, **_) -> MedusaDrafter:
     if draft_vocab:
         raise SpecHeadsError(f"--draft-vocab {draft_vocab} is for draft models; Medusa heads fix their vocabulary when "
                              "they are trained (drafter.draft_vocab_size in the recipe)")
