@@ -210,19 +210,15 @@ def cmd_demo(args) -> int:
 
 def cmd_draft_vocab(args) -> int:
     """Write draft_vocab.json into a draft model folder from the answers of a self-distilled dataset."""
-    import json
     import os
 
+    from .checkpoint import read_json_config
     from .draft_vocab import FILE, answer_token_counts, write_ranking
     from .training.data import load_self_distilled
 
-    config_path = os.path.join(args.drafter, "config.json")
-    if not os.path.isfile(config_path):
-        raise SpecHeadsError(f"{args.drafter} is not a model directory (no config.json)")
-    with open(config_path) as f:
-        vocab_size = json.load(f).get("vocab_size")
+    vocab_size = read_json_config(args.drafter).get("vocab_size")
     if not isinstance(vocab_size, int):
-        raise SpecHeadsError(f"{config_path} has no vocab_size")
+        raise SpecHeadsError(f"{os.path.join(args.drafter, 'config.json')} has no vocab_size")
     counts = answer_token_counts(load_self_distilled(args.data), vocab_size)
     if int(counts.sum()) == 0:
         raise SpecHeadsError(f"{args.data} holds no answer tokens to rank")

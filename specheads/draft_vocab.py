@@ -42,9 +42,9 @@ def build_token_map(dataset, vocab_size: int, draft_vocab_size: int) -> torch.Te
 
 def write_ranking(folder, counts: torch.Tensor, source: str) -> None:
     """Write ``draft_vocab.json``: the tokens seen, most frequent first (ties by id), and their counts."""
-    seen = counts.nonzero().flatten()
-    order = sorted(seen.tolist(), key=lambda i: (-int(counts[i]), i))
-    payload = {"source": source, "token_ids": order, "counts": [int(counts[i]) for i in order]}
+    c = counts.tolist()
+    order = sorted((i for i, n in enumerate(c) if n > 0), key=lambda i: (-c[i], i))
+    payload = {"source": source, "token_ids": order, "counts": [c[i] for i in order]}
     path = os.path.join(folder, FILE)
     with open(path + ".tmp", "w") as f:  # renamed into place: a crash never leaves half a ranking
         json.dump(payload, f)

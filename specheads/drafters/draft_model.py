@@ -82,13 +82,12 @@ class DraftModelDrafter:
         device = self.model.get_output_embeddings().weight.device
         input_ids = torch.tensor([ids], device=device)
         if self.draft_vocab is None:
-            out = self.model(input_ids=input_ids, **self._cache_kw, use_cache=True, logits_to_keep=1)
-            self._cached.extend(ids)
-            return out.logits[0, -1]
-        hidden = self.model.base_model(input_ids=input_ids, **self._cache_kw, use_cache=True).last_hidden_state[0, -1]
+            logits = self.model(input_ids=input_ids, **self._cache_kw, use_cache=True, logits_to_keep=1).logits[0, -1]
+        else:
+            hidden = self.model.base_model(input_ids=input_ids, **self._cache_kw, use_cache=True).last_hidden_state[0, -1]
+            logits = torch.full((self.vocab_size,), float("-inf"), device=device, dtype=hidden.dtype)
+            logits[self.draft_vocab] = self._head(hidden)
         self._cached.extend(ids)
-        logits = torch.full((self.vocab_size,), float("-inf"), device=device, dtype=hidden.dtype)
-        logits[self.draft_vocab] = self._head(hidden)
         return logits
 
     def propose(self, ctx: DraftContext) -> Candidates:

@@ -145,18 +145,19 @@ def rank_accuracy(eval_metrics: dict | None, num_heads: int) -> list[list[float]
     if not eval_metrics:
         return None
     if f"eval/cond_rank0_head{num_heads - 1}" in eval_metrics:
-        return [[eval_metrics[f"eval/cond_rank{r}_head{k}"] for r in range(_count(eval_metrics, f"eval/cond_rank{{}}_head{k}"))] for k in range(num_heads)]
+        return [_series(eval_metrics, f"eval/cond_rank{{}}_head{k}") for k in range(num_heads)]
     if f"eval/top1_head{num_heads - 1}" not in eval_metrics:
         return None
-    return [[eval_metrics[f"eval/top1_head{k}"]] + [eval_metrics[f"eval/rank{r}_head{k}"] for r in range(1, 1 + _count(eval_metrics, f"eval/rank{{}}_head{k}", start=1))]
-            for k in range(num_heads)]
+    return [[eval_metrics[f"eval/top1_head{k}"]] + _series(eval_metrics, f"eval/rank{{}}_head{k}", start=1) for k in range(num_heads)]
 
 
-def _count(metrics: dict, pattern: str, start: int = 0) -> int:
-    r = start
+def _series(metrics: dict, pattern: str, start: int = 0) -> list[float]:
+    """metrics[pattern.format(start)], metrics[pattern.format(start + 1)], ... while present."""
+    values, r = [], start
     while pattern.format(r) in metrics:
+        values.append(metrics[pattern.format(r)])
         r += 1
-    return r - start
+    return values
 
 
 def best_tree(accuracy: list[list[float]], size: int) -> list[tuple[int, ...]]:

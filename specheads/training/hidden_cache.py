@@ -43,11 +43,10 @@ class HiddenStateCache:
                     f.truncate(nbytes)
             with open(meta_path, "w") as f:
                 json.dump(meta, f)
-        with open(meta_path) as f:
-            if json.load(f) != meta:
-                raise SpecHeadsError(
-                    f"hidden-state cache {path} was made for other data or another verifier; delete it or set training.hidden_cache_dir elsewhere"
-                )
+        if _read(meta_path) != meta:
+            raise SpecHeadsError(
+                f"hidden-state cache {path} was made for other data or another verifier; delete it or set training.hidden_cache_dir elsewhere"
+            )
         self.data = torch.from_file(data_path, shared=True, size=total * hidden_size, dtype=dtype).view(total, hidden_size)
         self.filled = torch.from_file(flags_path, shared=True, size=len(lengths), dtype=torch.uint8)
 
