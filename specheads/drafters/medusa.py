@@ -183,8 +183,9 @@ def best_tree(accuracy: list[list[float]], size: int) -> list[tuple[int, ...]]:
 
 
 # "auto": the tree for the device. On a CPU a verify forward grows with every token, and the
-# tree sweep here put the 3-node data-driven tree first (SmolLM2, 2 threads: auto3 1.11-1.22x,
-# the 4-node chain 0.86-0.96x, auto8 0.77-0.83x). On a GPU a forward over 16 tokens costs about
+# tree sweep here put the 3-node data-driven tree first (SmolLM2, 2 threads, 8 MT-Bench prompts,
+# `specheads bench --drafter <full Medusa drafter> --tree chain,auto3,auto4,auto6,auto8`: auto3
+# 1.11x, the 4-node chain 0.86x, auto8 0.77x; the quick drafter: auto3 1.05x, chain 1.01x). On a GPU a forward over 16 tokens costs about
 # what one over a single token does, so deeper, wider trees are free (Medusa uses 64 nodes on an
 # A100); 16 here is a conservative size, not a measurement. Drafters without recorded accuracy
 # get the preset of the same size.
