@@ -35,7 +35,7 @@ from ..checkpoint import CONFIG, FORMAT_VERSION, atomic_directory, verifier_info
 from ..draft_vocab import write_ranking
 from ..errors import SpecHeadsError
 from ..student import build_student
-from .losses import acceptance_rate, cross_entropy, divergence
+from .losses import DIVERGENCES, acceptance_rate, cross_entropy, divergence
 
 KIND = "draft_model"
 EVAL_DRAFT_TOKENS = 4  # the chain length whose implied tau evaluation prints
@@ -124,7 +124,7 @@ class DistillObjective:
         chosen = (torch.rand(B, generator=torch.Generator().manual_seed(step_seed)) < fraction).tolist()
         if not any(chosen):
             return batch, 0
-        from .loop import collate
+        from .batches import collate
 
         ids, attn, answer = (batch[k].tolist() for k in ("input_ids", "attention_mask", "answer_mask"))
         rows = []
@@ -260,3 +260,21 @@ class _AsVerifier:
 
 def _unwrap(module):
     return module.module if hasattr(module, "module") and not hasattr(module, "generate") else module
+
+
+# -- the objective registry's entry points (specheads.training.objectives) -----------------
+LOSSES = tuple(DIVERGENCES)  # fkl first: the default
+
+
+def check_for_verifier(recipe, verifier) -> None:
+    from ..student import check_student
+
+    check_student(recipe.drafter.student, verifier)
+
+
+def build(recipe, verifier, train_ds) -> DistillObjective:
+    from ..draft_vocab import answer_token_counts
+
+    return DistillObjective(verifier, recipe.drafter, recipe.objective, seed=recipe.training.seed,
+                            trust_remote_code=recipe.verifier.trust_remote_code,
+                            token_counts=answer_token_counts(train_ds, verifier.vocab_size))

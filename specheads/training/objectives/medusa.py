@@ -1,19 +1,15 @@
-"""What each drafter kind learns from the verifier: its trainable module, loss and eval counts.
-
-The training loop knows nothing of Medusa: it asks an objective for ``module`` (what the
-optimizer trains and accelerate wraps), ``loss(module, batch)`` and ``eval_counts(module, batch)``,
-and ``save(module, path)`` for the drafter checkpoint. ``make_objective`` picks the objective for
-the recipe's drafter kind: ``MedusaObjective`` here, ``distill.DistillObjective`` for draft models.
-"""
+"""What Medusa heads learn from the verifier (Medusa-1 frozen verifier, Medusa-2 with LoRA)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..draft_vocab import answer_token_counts, build_token_map
-from ..drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
-from .losses import cross_entropy, forward_kl
+from ...draft_vocab import build_token_map
+from ...drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
+from ..losses import cross_entropy, forward_kl
+
+LOSSES = ("ce", "kl")  # the first is the default
 
 
 class MedusaTrainingModule(nn.Module):
@@ -228,23 +224,7 @@ class MedusaObjective:
         return save_medusa(path, heads, verifier or self.verifier, training=training)
 
 
-def check_recipe_for_verifier(recipe, verifier) -> None:
-    """The recipe checks that need the verifier but no data: run before data preparation."""
-    if recipe.drafter.kind == "draft_model":
-        from ..student import check_student
-
-        check_student(recipe.drafter.student, verifier)
-
-
-def make_objective(recipe, verifier, train_ds):
-    """The objective for the recipe's drafter kind."""
-    if recipe.drafter.kind == "draft_model":
-        from .distill import DistillObjective
-
-        return DistillObjective(verifier, recipe.drafter, recipe.objective, seed=recipe.training.seed,
-                                trust_remote_code=recipe.verifier.trust_remote_code,
-                                token_counts=answer_token_counts(train_ds, verifier.vocab_size))
-
+def build(recipe, verifier, train_ds) -> MedusaObjective:
     token_map = None
     if recipe.drafter.draft_vocab_size:
         token_map = build_token_map(train_ds, verifier.vocab_size, recipe.drafter.draft_vocab_size)

@@ -1,0 +1,257 @@
+"""What an EAGLE-3 drafter learns: the verifier's next-token distribution, several steps ahead.
+
+Training-time test (``Eagle3Model.ttt_forward``) unrolls ``ttt_steps`` draft steps, each fed
+the drafter's own previous output, so that drafting deep in a chain is trained, not just its
+first step. Step i at index t predicts the token at t + 2 + i; its target is the verifier's
+distribution at t + 1 + i restricted to the draft vocabulary and renormalised (soft
+cross-entropy), weighted ``ttt_decay ** i``. Positions whose verifier argmax lies outside the
+draft vocabulary are left out of the loss (no draft could be accepted there), but evaluation
+counts them as misses, so its acceptance is what decoding will see.
+
+What the frozen verifier contributes per token (its ``aux_layer_ids`` hidden states, its last
+hidden state for the target distribution, and its argmax) can be cached on disk once
+(``training.cache_hidden_states``): epochs after the first run no verifier forward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ...draft_vocab import build_token_map
+from ...drafters.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_d2t, init_from_verifier, save_eagle3
+from ...errors import SpecHeadsError
+
+LOSSES = ("soft",)
+RANKS = 4  # choices per step counted at evaluation (what a tree of top-k children could accept)
+EVAL_STEPS = 5  # draft steps evaluated at least (a chain of 5 for the chain-tau estimate)
+
+
+def check_recipe(recipe) -> None:
+    o, dr = recipe.objective, recipe.drafter
+    for key, value, ok in (
+        ("objective.ttt_steps", o.ttt_steps, isinstance(o.ttt_steps, int) and 1 <= o.ttt_steps <= 16),
+        ("objective.ttt_decay", o.ttt_decay, 0 < o.ttt_decay <= 1),
+        ("drafter.num_layers", dr.num_layers, dr.num_layers >= 1),
+        ("drafter.draft_vocab_size", dr.draft_vocab_size, dr.draft_vocab_size is None or dr.draft_vocab_size >= 1),
+    ):
+        if not ok:
+            raise SpecHeadsError(f"recipe value {key}={value!r} is out of range")
+    if dr.aux_layer_ids is not None and (not isinstance(dr.aux_layer_ids, list) or not dr.aux_layer_ids):
+        raise SpecHeadsError(f"recipe value drafter.aux_layer_ids={dr.aux_layer_ids!r} must be a non-empty list of layer ids")
+
+
+def check_for_verifier(recipe, verifier) -> None:
+    """Aux layer ids and the draft vocabulary size against the verifier, before any data is made."""
+    Eagle3Config.from_verifier(verifier, recipe.drafter.draft_vocab_size or verifier.vocab_size,
+                               recipe.drafter.aux_layer_ids, recipe.drafter.num_layers)
+
+
+def build(recipe, verifier, train_ds) -> "Eagle3Objective":
+    size = recipe.drafter.draft_vocab_size or verifier.vocab_size
+    check_for_verifier(recipe, verifier)
+    token_map = build_token_map(train_ds, verifier.vocab_size, size)
+    return Eagle3Objective(verifier, recipe.drafter, recipe.objective, token_map)
+
+
+class Eagle3Objective:
+    def __init__(self, verifier, drafter_cfg, objective_cfg, token_map: torch.Tensor):
+        self.verifier = verifier
+        cfg = Eagle3Config.from_verifier(verifier, int(token_map.numel()), drafter_cfg.aux_layer_ids, drafter_cfg.num_layers)
+        model = Eagle3Model(cfg, d2t=draft_vocab_d2t(token_map))
+        init_from_verifier(model, verifier)
+        self.config = cfg
+        self.module = model
+        self.steps = objective_cfg.ttt_steps
+        self.weights = [objective_cfg.ttt_decay**i for i in range(self.steps)]
+        V = verifier.vocab_size
+        self.draft_ids = model.draft_to_target()  # draft id -> verifier id
+        to_draft = torch.full((V,), -1, dtype=torch.long)
+        to_draft[self.draft_ids] = torch.arange(cfg.draft_vocab_size)
+        self.to_draft = to_draft
+        self.hidden_cache = None  # a FeatureCache, opened by the loop through open_hidden_cache
+        self._head_rows = None
+
+    # -- parameters -------------------------------------------------------------------------
+    def param_groups(self, module, lr: float, weight_decay: float) -> list[dict]:
+        params = [p for p in _unwrap(module).parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay, "name": "eagle3"}]
+
+    # -- what the verifier contributes --------------------------------------------------------
+    def open_hidden_cache(self, path: str, lengths: list[int], key: str, create: bool) -> "FeatureCache":
+        return FeatureCache(path, lengths, self.verifier, self.config.aux_layer_ids, key, create)
+
+    def describe_cache(self, lengths: list[int]) -> str:
+        return FeatureCache.describe(lengths, self.verifier, self.config.aux_layer_ids)
+
+    def _verifier_features(self, batch):
+        """(aux [B, T, n_aux * H], last hidden [B, T, H], argmax [B, T]) of the frozen verifier."""
+        cache = self.hidden_cache if "index" in batch else None
+        ids = batch["input_ids"]
+        if cache is not None:
+            indices = batch["index"].tolist()
+            if cache.has(indices):
+                return cache.load(indices, ids.shape[1], ids.device)
+        model = self.verifier.model
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=batch["attention_mask"], output_hidden_states=True)
+        aux = torch.cat([out.hidden_states[i] for i in self.config.aux_layer_ids], -1)
+        last, argmax = out.hidden_states[-1], out.logits.argmax(-1)
+        if cache is not None:
+            cache.store(indices, aux, last, argmax)
+        return aux, last, argmax
+
+    def _teacher_rows(self, device, dtype) -> torch.Tensor:
+        """The verifier's LM-head rows of the draft vocabulary, cut once."""
+        if self._head_rows is None or self._head_rows.device != device:
+            head = self.verifier.model.get_output_embeddings().weight.detach()
+            self._head_rows = head[self.draft_ids.to(head.device)].to(device, dtype)
+        return self._head_rows
+
+    def _steps(self, module, batch, steps: int):
+        """Per draft step i: (student logits [N, Vd], teacher last hidden [N, H], verifier argmax [N])
+        at the valid positions (the predicted token is an answer token inside the sequence)."""
+        model = _unwrap(module)
+        aux, last, argmax = self._verifier_features(batch)
+        dtype = model.fc.weight.dtype
+        ids = batch["input_ids"]
+        outs = model.ttt_forward(aux.to(dtype), ids, self.verifier.model.get_input_embeddings(), steps)
+        T = ids.shape[1]
+        answer = batch["answer_mask"].bool()
+        rows = []
+        for i, out in enumerate(outs):
+            # index t predicts the token at t + 2 + i from the verifier's distribution at t + 1 + i
+            n = T - 2 - i
+            if n <= 0:
+                rows.append(None)
+                continue
+            valid = answer[:, 2 + i :]
+            student = model.logits(out[:, :n][valid])
+            rows.append((student, last[:, 1 + i : 1 + i + n][valid], argmax[:, 1 + i : 1 + i + n][valid], valid))
+        return rows
+
+    # -- the loss ---------------------------------------------------------------------------
+    def loss(self, module, batch, normalize=None) -> tuple[torch.Tensor, dict]:
+        normalize = normalize or (lambda count: count)
+        total = None
+        metrics = {}
+        for i, row in enumerate(self._steps(module, batch, self.steps)):
+            if row is None:
+                continue
+            student, teacher_hidden, argmax, _ = row
+            in_vocab = self.to_draft.to(argmax.device)[argmax] >= 0
+            with torch.no_grad():
+                teacher = torch.softmax((teacher_hidden[in_vocab] @ self._teacher_rows(student.device, teacher_hidden.dtype).T).float(), -1)
+            logq = torch.log_softmax(student[in_vocab].float(), -1)
+            step_sum = -(teacher * logq).sum()
+            step_loss = step_sum / normalize(in_vocab.sum().float()).clamp_min(1.0)
+            total = self.weights[i] * step_loss if total is None else total + self.weights[i] * step_loss
+            metrics[f"loss/step{i}"] = float(step_loss.detach())
+        if total is None:  # a batch with no answer position to predict
+            total = sum(p.sum() * 0.0 for p in _unwrap(module).parameters() if p.requires_grad)
+        metrics["loss"] = float(total.detach())
+        return total, metrics
+
+    # -- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_counts(self, module, batch) -> dict[str, torch.Tensor]:
+        """Per step: hits of the draft's rank-r token on the verifier's argmax (out-of-vocabulary
+        argmaxes count as misses), the same given every earlier step had it in its top RANKS (what
+        a tree could reach), and the run of consecutive top-1 hits from step 0 (a chain's tau)."""
+        steps = max(self.steps, EVAL_STEPS)
+        rows = self._steps(module, batch, steps)
+        B, T = batch["input_ids"].shape
+        valid_at = torch.zeros(steps, dtype=torch.long)
+        rank_hits = torch.zeros(steps, RANKS, dtype=torch.long)
+        cond_hits = torch.zeros(steps, RANKS, dtype=torch.long)
+        cond_valid = torch.zeros(steps, dtype=torch.long)
+        top1 = torch.zeros(B, T, steps, dtype=torch.bool)
+        reached = torch.ones(B, T, dtype=torch.bool)  # earlier steps all had the token in their top RANKS
+        base = None
+        for i, row in enumerate(rows):
+            if row is None:
+                break
+            student, _, argmax, valid = row
+            valid = valid.cpu()
+            n = valid.shape[1]
+            ranked = self.draft_ids.to(student.device)[student.topk(min(RANKS, student.shape[-1]), -1).indices]
+            at_rank = (ranked == argmax[:, None]).cpu()
+            full = torch.zeros(B, n, at_rank.shape[-1], dtype=torch.bool)
+            full[valid] = at_rank
+            here = reached[:, :n] & valid
+            valid_at[i] = valid.sum()
+            rank_hits[i, : at_rank.shape[-1]] = at_rank.sum(0)
+            cond_hits[i, : at_rank.shape[-1]] = (full & here[..., None]).sum((0, 1))
+            cond_valid[i] = here.sum()
+            top1[:, :n, i] = full[..., 0]
+            reached = reached[:, :n] & full.any(-1)
+            if i == 0:
+                base = valid
+        run = torch.cumprod(top1.int(), -1).sum(-1)
+        positions = base.sum() if base is not None else torch.tensor(0)
+        run_sum = run[:, : base.shape[1]][base].sum() if base is not None else torch.tensor(0)
+        return {"valid": valid_at, "rank_hits": rank_hits, "cond_rank_hits": cond_hits, "cond_valid": cond_valid,
+                "run_sum": run_sum, "positions": positions}
+
+    @staticmethod
+    def summarize(counts: dict[str, torch.Tensor]) -> dict[str, float]:
+        acc = counts["rank_hits"].float() / counts["valid"].clamp_min(1).float()[:, None]
+        cond = counts["cond_rank_hits"].float() / counts["cond_valid"].clamp_min(1).float()[:, None]
+        out = {}
+        for i in range(acc.shape[0]):
+            out[f"eval/top1_step{i}"] = float(acc[i, 0])
+            out.update({f"eval/cond_rank{r}_step{i}": float(cond[i, r]) for r in range(cond.shape[1])})
+        out["eval/top4_step0"] = float(acc[0].sum())
+        # Chain tau implied by teacher-forced greedy data: 1 + mean run of consecutive hits.
+        out["eval/tau_chain"] = 1.0 + float(counts["run_sum"]) / max(1, int(counts["positions"]))
+        return out
+
+    # -- the drafter checkpoint -------------------------------------------------------------
+    def save(self, state_dict: dict, path, verifier=None, training: dict | None = None):
+        model = Eagle3Model(self.config, d2t=state_dict["d2t"])
+        state = {k: v for k, v in state_dict.items() if not k.startswith("rotary.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("rotary.")]
+        if missing or unexpected:
+            raise SpecHeadsError(f"EAGLE-3 training state does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return save_eagle3(path, model, verifier or self.verifier, training=training)
+
+
+class FeatureCache:
+    """What the frozen verifier gives each training token, on disk: [aux layers | last hidden]
+    rows in the verifier's dtype, and its argmax. Two ``HiddenStateCache`` files side by side,
+    keyed by the verifier, every token and the aux layer ids."""
+
+    def __init__(self, path: str, lengths: list[int], verifier, aux_layer_ids: list[int], key: str, create: bool):
+        from ..hidden_cache import HiddenStateCache
+
+        key = f"{key}|eagle3-aux={','.join(map(str, aux_layer_ids))}"
+        H = verifier.hidden_size
+        self.n_aux = len(aux_layer_ids)
+        self.H = H
+        self.rows = HiddenStateCache(os.path.join(path, "features"), lengths, (self.n_aux + 1) * H, verifier.dtype, create=create, key=key)
+        self.argmax = HiddenStateCache(os.path.join(path, "argmax"), lengths, 1, torch.int64, create=create, key=key)
+
+    @staticmethod
+    def describe(lengths: list[int], verifier, aux_layer_ids: list[int]) -> str:
+        from ..hidden_cache import HiddenStateCache
+
+        return HiddenStateCache.describe(lengths, (len(aux_layer_ids) + 1) * verifier.hidden_size, verifier.dtype) + " (+ 8 bytes per token for the argmax)"
+
+    def has(self, indices: list[int]) -> bool:
+        return self.rows.has(indices) and self.argmax.has(indices)
+
+    def load(self, indices: list[int], max_len: int, device):
+        rows = self.rows.load(indices, max_len, device)
+        argmax = self.argmax.load(indices, max_len, device)[..., 0]
+        split = self.n_aux * self.H
+        return rows[..., :split], rows[..., split:], argmax
+
+    def store(self, indices: list[int], aux: torch.Tensor, last: torch.Tensor, argmax: torch.Tensor) -> None:
+        self.rows.store(indices, torch.cat([aux, last], -1))
+        self.argmax.store(indices, argmax[..., None])
+
+
+def _unwrap(module):
+    return module.module if hasattr(module, "module") and not isinstance(module, Eagle3Model) else module
