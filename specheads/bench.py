@@ -4,7 +4,9 @@ Methods: ``plain`` (plain decoding through the engine: the baseline every speedu
 ``hf_generate`` (Hugging Face ``generate``), ``hf_assisted`` / ``hf_prompt_lookup`` (Hugging Face
 assisted generation with the same draft model / n-gram size, where the drafter allows it) and
 ``speculative`` (the engine with the drafter; one per draft length and drafter variant, such as
-a Medusa tree shape, when several are swept).
+a Medusa tree shape, when several are swept). Several drafters can run side by side
+(``BenchDrafter`` entries): their methods are named after them, e.g.
+``speculative[medusa:medusa/drafter,tree=chain]`` and ``hf_assisted[draft_model:distill/drafter]``.
 After one warm-up prompt, prompts are run in turn and the order of methods rotates per prompt,
 so drift in machine speed spreads over all methods alike.
 """
@@ -38,6 +40,8 @@ class MethodResult:
     stats: DecodingStats | None = None  # engine methods only
     num_draft_tokens: int | None = None  # speculative methods: the draft length swept
     variant: str | None = None  # speculative methods: the drafter variant (e.g. a Medusa tree shape)
+    drafter: str | None = None  # the drafter's label when several drafters run side by side
+    detail: str | None = None  # speculative methods: what the (variant) drafter's ``detail`` says
 
     @property
     def tokens_per_s(self) -> float:
@@ -54,7 +58,53 @@ class BenchConfig:
     seed: int = 0
     hf_baselines: bool = True
     # Alternative drafters to sweep beside each other (e.g. Medusa tree shapes): label -> drafter.
+    # Applies to a lone drafter; each BenchDrafter of a side-by-side run carries its own.
     variants: dict = field(default_factory=dict)
+
+
+@dataclass
+class BenchDrafter:
+    """One drafter of a side-by-side run and the variants of it to time (sharing its weights)."""
+
+    drafter: object
+    label: str | None = None  # names it in method names; None: the run's only drafter (names as before)
+    variants: dict = field(default_factory=dict)  # variant label -> drafter; empty: the drafter itself
+    info: dict = field(default_factory=dict)  # more details for the report (e.g. the spec typed, options not swept)
+
+
+def bench_drafters(drafter, cfg: BenchConfig) -> list[BenchDrafter]:
+    """The run's drafters: a list of BenchDrafter as given, or a lone drafter (None: none) with cfg.variants."""
+    if drafter is None:
+        return []
+    if isinstance(drafter, (list, tuple)):
+        return list(drafter)
+    return [BenchDrafter(drafter, None, dict(cfg.variants))]
+
+
+def _draft_vocab_size(d):
+    """'all', a token count, or None where the drafter kind has no draft vocabulary."""
+    if isinstance(d, DraftModelDrafter):
+        return "all" if d.draft_vocab is None else len(d.draft_vocab)
+    config = getattr(getattr(d, "heads", None), "config", None)
+    size = getattr(d, "draft_vocab_size", getattr(config, "draft_vocab_size", False))
+    return None if size is False else (size or "all")
+
+
+def drafter_info(entry: BenchDrafter) -> dict:
+    """Kind, tree, draft vocabulary and ``detail`` of one drafter of the run, for the report."""
+    d = entry.drafter
+    info = {"label": entry.label or d.name, "kind": d.name, "detail": getattr(d, "detail", None)}
+    timed = list(entry.variants.values()) or [d]  # the drafters timed: its variants, or itself
+    for key, values in (("tree", [getattr(v, "tree", None) for v in timed]), ("draft_vocab", [_draft_vocab_size(v) for v in timed])):
+        values = [v if v is None or isinstance(v, (str, int)) else "custom" for v in values]
+        if values[0] is not None:
+            info[key] = values[0] if len(set(values)) == 1 else values
+    if isinstance(d, NgramDrafter):
+        info["max_ngram"] = d.max_ngram
+    if entry.variants:
+        info["variants"] = {label: getattr(v, "detail", None) for label, v in entry.variants.items()}
+    info.update(entry.info)
+    return info
 
 
 def _sync(device: torch.device) -> None:
@@ -79,8 +129,11 @@ def _hf_generation_config(verifier, cfg: BenchConfig):
 
 
 def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[list[int], int], tuple[list[int], DecodingStats | None]]]:
-    """name -> run(prompt_ids, seed) returning (new token ids, engine stats or None)."""
+    """name -> run(prompt_ids, seed) returning (new token ids, engine stats or None).
+
+    ``drafter``: one drafter (or None), swept over ``cfg.variants``, or a list of BenchDrafter."""
     methods: dict[str, Callable] = {}
+    entries = bench_drafters(drafter, cfg)
 
     def engine_method(d, k: int):
         decoder = SpeculativeDecoder(
@@ -114,23 +167,31 @@ def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[li
 
         methods["hf_generate"] = hf_run()
         k_hf = cfg.num_draft_tokens[0]
-        if isinstance(drafter, DraftModelDrafter) and k_hf > 0:
-            # HF reads the draft length from the assistant's own generation config. Same fixed
-            # length as ours, and no early stop on low draft confidence, for a like-for-like run.
-            drafter.model.generation_config.update(
-                num_assistant_tokens=k_hf, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0
-            )
-            methods["hf_assisted"] = hf_run(drafter.model)
-        if isinstance(drafter, NgramDrafter) and k_hf > 0:
-            methods["hf_prompt_lookup"] = hf_run(prompt_lookup_num_tokens=k_hf, max_matching_ngram_size=drafter.max_ngram)
-    if drafter is not None:
-        variants = {None: drafter} if not cfg.variants else cfg.variants
+        for e in entries:
+            d, suffix = e.drafter, f"[{e.label}]" if e.label else ""
+            if isinstance(d, DraftModelDrafter) and k_hf > 0:
+                # HF reads the draft length from the assistant's own generation config. Same fixed
+                # length as ours, and no early stop on low draft confidence, for a like-for-like run.
+                d.model.generation_config.update(
+                    num_assistant_tokens=k_hf, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0
+                )
+                methods["hf_assisted" + suffix] = hf_run(d.model)
+                methods["hf_assisted" + suffix].drafter = e.label
+            if isinstance(d, NgramDrafter) and k_hf > 0:
+                methods["hf_prompt_lookup" + suffix] = hf_run(prompt_lookup_num_tokens=k_hf, max_matching_ngram_size=d.max_ngram)
+                methods["hf_prompt_lookup" + suffix].drafter = e.label
+    for e in entries:
+        variants = e.variants or {None: e.drafter}
         for label, variant in variants.items():
             for k in cfg.num_draft_tokens:
-                tags = ([label] if label else []) + ([f"k={k}"] if len(cfg.num_draft_tokens) > 1 else [])
+                tags = [t for t in (e.label, label) if t] + ([f"k={k}"] if len(cfg.num_draft_tokens) > 1 else [])
                 name = "speculative" + (f"[{','.join(tags)}]" if tags else "")
+                if name in methods:
+                    raise SpecHeadsError(f"two benchmark methods would both be named '{name}'")
                 methods[name] = engine_method(variant, k)
                 methods[name].variant = label
+                methods[name].drafter = e.label
+                methods[name].detail = getattr(variant, "detail", None)
     return methods
 
 
@@ -140,7 +201,8 @@ def run_benchmark(verifier, drafter, encoded: list[list[int]], cfg: BenchConfig,
         raise SpecHeadsError("the benchmark needs at least one prompt")
     methods = build_methods(verifier, drafter, cfg)
     results = {
-        name: MethodResult(name, num_draft_tokens=getattr(run, "num_draft_tokens", None), variant=getattr(run, "variant", None))
+        name: MethodResult(name, num_draft_tokens=getattr(run, "num_draft_tokens", None), variant=getattr(run, "variant", None),
+                           drafter=getattr(run, "drafter", None), detail=getattr(run, "detail", None))
         for name, run in methods.items()
     }
     device = verifier.device
@@ -194,6 +256,9 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
             ]
         if r.num_draft_tokens is not None:
             entry["num_draft_tokens"] = r.num_draft_tokens
+        for key in ("drafter", "variant", "detail"):
+            if getattr(r, key) is not None:
+                entry[key] = getattr(r, key)
         if r.stats and r.stats.verify_steps and name != "plain":
             s = r.stats
             step_s = (s.verify_s + s.draft_s) / s.verify_steps
@@ -207,11 +272,19 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
         methods[name] = entry
     if t1:
         methods["plain"]["time_per_step_s"] = {"verify": t1, "draft": 0.0}
+    entries = bench_drafters(drafter, cfg)
+    lone = len(entries) <= 1 and all(e.label is None for e in entries)
+    lone_drafter = entries[0] if entries else None
     return {
         "verifier": verifier.name,
-        "drafter": getattr(drafter, "name", None),
-        # e.g. the Medusa tree that --tree auto chose; swept variants name theirs in their labels
-        "drafter_detail": None if cfg.variants else getattr(drafter, "detail", None),
+        # a lone drafter: its kind; several side by side: their labels, as the method names use them
+        "drafter": (getattr(lone_drafter and lone_drafter.drafter, "name", None) if lone
+                    else ", ".join(e.label or e.drafter.name for e in entries)),
+        # e.g. the Medusa tree that --tree auto chose; swept variants name theirs in their labels,
+        # several drafters theirs under "drafters"
+        "drafter_detail": (None if not lone or lone_drafter is None or lone_drafter.variants
+                           else getattr(lone_drafter.drafter, "detail", None)),
+        "drafters": [drafter_info(e) for e in entries],
         "device": str(verifier.device),
         "dtype": str(verifier.dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
@@ -237,7 +310,7 @@ def best_draft_lengths(results: dict[str, MethodResult], methods: dict[str, dict
         speedup = methods[name]["speedup"]
         if r.num_draft_tokens is None or speedup is None:
             continue
-        key = r.variant or "drafter"
+        key = ",".join(t for t in (r.drafter, r.variant) if t) or "drafter"
         if key not in best or speedup > best[key]["speedup"]:
             best[key] = {"method": name, "num_draft_tokens": r.num_draft_tokens, "speedup": speedup, "tau": methods[name]["tau"]}
     return best
@@ -255,7 +328,65 @@ def _counts(rows: list[int]) -> str:
     return ", ".join(spans)
 
 
+def _drafter_line(info: dict) -> str:
+    parts = [info["kind"]]
+    detail = info.get("detail") if not info.get("variants") else None  # variants name their own
+    if detail:
+        parts.append(detail)
+    if "max_ngram" in info:
+        parts.append(f"n-grams up to {info['max_ngram']}")
+    if "draft_vocab" in info and "vocabulary" not in (detail or ""):
+        vocab = info["draft_vocab"]
+        parts.append(f"draft vocabulary {', '.join(map(str, vocab)) if isinstance(vocab, list) else vocab}")
+    if info.get("variants"):
+        parts.append("variants " + ", ".join(f"{label} ({d})" if d else label for label, d in info["variants"].items()))
+    if info.get("not_swept"):
+        parts.append("not swept: " + ", ".join(info["not_swept"]))
+    where = f" ({info['spec']})" if info.get("spec") and info["spec"] != info["label"] else ""
+    return f"- `{info['label']}`{where}: " + "; ".join(parts)
+
+
+def _markdown_side_by_side(report: dict) -> list[str]:
+    """The table of a run with several drafters: drafter x variant per row."""
+    lines = [
+        f"verifier `{report['verifier']}`, {len(report['drafters'])} drafters side by side, {report['device']} {report['dtype']}, "
+        f"{report['torch_threads']} threads, {report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
+        f"T={report['temperature']}; every method timed alternately with plain decoding on the same prompts",
+        "",
+        *map(_drafter_line, report["drafters"]),
+        "",
+    ]
+    cpu = report.get("cpu_linears")
+    if cpu and cpu.get("device") == "cpu":
+        lines += [f"CPU linears: LM head streamed for {_counts(cpu['head_rows'])} tokens, other linears for "
+                  f"{_counts(cpu['layer_rows'])} (torch's packed GEMM otherwise; `--cpu-linears`)", ""]
+    lines += [
+        "| method | drafter | variant | tokens/s | speedup | tau | acceptance per position | identical to verifier |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in report["methods"].items():
+        acc = ", ".join(f"{a:.2f}" for a in m["acceptance_per_position"]) or "-"
+        tau = f"{m['tau']:.2f}" if m["tau"] is not None else "-"
+        ident = "-" if m["identical_to_verifier"] is None else ("yes" if m["identical_to_verifier"] else f"no ({m['identical_fraction']:.0%} of prompts)")
+        variant = m.get("detail") or m.get("variant")  # e.g. "tree tree4, 4 nodes" for tree=auto:tree4
+        if "num_draft_tokens" in m and len(report["num_draft_tokens"]) > 1:
+            variant = ", ".join(t for t in (variant, f"k={m['num_draft_tokens']}") if t)
+        lines.append(f"| {name} | {m.get('drafter') or '-'} | {variant or '-'} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | "
+                     f"{tau} | {acc} | {ident} |")
+    return lines
+
+
 def markdown_table(report: dict) -> str:
+    if len(report.get("drafters") or []) > 1:
+        lines = _markdown_side_by_side(report)
+        # with one draft length there is nothing to choose
+        best = (report.get("best_draft_length") or {}) if len(report["num_draft_tokens"]) > 1 else {}
+        if best:
+            lines.append("")
+        for key, b in best.items():
+            lines.append(f"best draft length ({key}) by measured speedup: k={b['num_draft_tokens']} "
+                         f"(`{b['method']}`, {b['speedup']:.2f}x, tau {b['tau']:.2f})")
+        return "\n".join(lines) + "\n"
     lines = [
         f"verifier `{report['verifier']}`, drafter `{report['drafter']}`"
         + (f" ({report['drafter_detail']})" if report.get("drafter_detail") else "") + f", {report['device']} {report['dtype']}, "

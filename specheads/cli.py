@@ -28,7 +28,11 @@ def _add_verifier_args(p: argparse.ArgumentParser) -> None:
 
 def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--drafter", default="ngram", help=DRAFTER_HELP + " (default: %(default)s)")
+    g.add_argument("--drafter", default="ngram", help=DRAFTER_HELP + (
+        "; a comma list (e.g. ngram,runs/medusa/drafter,runs/distill/drafter; paths may not contain commas) puts "
+        "several drafters side by side on the same prompts: each is loaded once, its variants (--num-draft-tokens, "
+        "and --tree / --draft-vocab where its kind takes them) are timed alternately with plain decoding, and the "
+        "methods are named after it (kind:folder)" if sweep else "") + " (default: %(default)s)")
     if sweep:
         g.add_argument("--num-draft-tokens", default="4", help="tokens drafted per step; a comma list (e.g. 2,4,6) sweeps them (default: %(default)s)")
     else:
@@ -50,9 +54,17 @@ def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> No
 
 
 def _setup(args):
+    from .drafters import build_drafter
+
+    verifier = _load_verifier(args, speculative=args.drafter not in ("none", "plain"))
+    drafter = build_drafter(args.drafter, verifier, **_drafter_options(args, args.drafter))
+    return verifier, drafter
+
+
+def _load_verifier(args, *, speculative: bool):
+    """The verifier, with the CPU linears tuned once (for every drafter of the run) when it will verify drafts."""
     import torch
 
-    from .drafters import build_drafter
     from .verifier import load_verifier
 
     if args.threads:
@@ -60,7 +72,7 @@ def _setup(args):
     verifier = load_verifier(args.verifier, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     args.cpu_linears_report = None
     # Only speculative decoding runs few-token forwards; plain decoding has nothing to tune.
-    if verifier.device.type == "cpu" and args.cpu_linears != "packed" and args.drafter not in ("none", "plain"):
+    if verifier.device.type == "cpu" and args.cpu_linears != "packed" and speculative:
         from .streamed_linear import machine_key, tune_or_reuse
         from .verifier import cache_dir
 
@@ -75,13 +87,126 @@ def _setup(args):
             rep["head_rows"] or "no", rep["layer_rows"] or "no",
             ", ".join(f"q={q} {ms['packed'][q]:.0f}/{min(ms['head'][q], ms['all'][q]):.0f}" for q in ms["packed"])),
             file=sys.stderr, flush=True)
-    options = {"max_ngram": args.ngram_max} if args.drafter == "ngram" else {}
-    if args.drafter not in ("ngram", "none", "plain"):
+    return verifier
+
+
+# The options bench sweeps per drafter kind (the kind build_drafter resolves), beside --num-draft-tokens,
+# which every drafter takes. A kind not listed gets the first value of --tree and of --draft-vocab at
+# load, as a lone drafter does, and no sweep of them.
+SWEPT_OPTIONS = {"ngram": (), "medusa": ("tree",), "draft_model": ("draft_vocab",)}
+_OPTION_FLAGS = {"tree": "--tree", "draft_vocab": "--draft-vocab"}
+
+
+def _drafter_options(args, spec: str, kind: str | None = None) -> dict:
+    """build_drafter's options for ``spec``. A lone drafter (``kind`` None) gets them all, as ever (so
+    Medusa refuses --draft-vocab N); one of several only those its kind takes."""
+    options = {"max_ngram": args.ngram_max} if spec == "ngram" else {}
+    if spec not in ("ngram", "none", "plain"):
+        takes = SWEPT_OPTIONS.get(kind, tuple(_OPTION_FLAGS))
         options["trust_remote_code"] = args.trust_remote_code
-        options["tree"] = args.tree.split(",")[0]
-        options["draft_vocab"] = _parse_sizes(args.draft_vocab, "--draft-vocab")[0]
-    drafter = build_drafter(args.drafter, verifier, **options)
-    return verifier, drafter
+        if "tree" in takes:
+            options["tree"] = args.tree.split(",")[0]
+        if "draft_vocab" in takes:
+            options["draft_vocab"] = _parse_sizes(args.draft_vocab, "--draft-vocab")[0]
+    return options
+
+
+def _drafter_kind(spec: str) -> str | None:
+    """The kind build_drafter loads for ``spec`` (read from its config.json), or None where it cannot
+    tell (build_drafter then names the problem)."""
+    import json
+    import os
+
+    from .drafters import BUILDERS
+
+    if spec in BUILDERS:
+        return spec
+    try:
+        with open(os.path.join(spec, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    return (config.get("specheads") or {}).get("drafter_kind") or "draft_model"
+
+
+def _drafter_specs(text: str) -> list[str]:
+    """--drafter as a list: one spec exactly as typed, or the entries of a comma list."""
+    import os
+
+    from .drafters import BUILDERS
+
+    if "," not in str(text):
+        return [text]
+    specs = [s.strip() for s in str(text).split(",")]
+    if not all(specs):
+        raise SpecHeadsError(f"--drafter '{text}' has an empty entry (a comma list of drafters; paths may not contain commas)")
+    if any(s in ("none", "plain") for s in specs):
+        raise SpecHeadsError(f"--drafter '{text}': 'none' cannot be one of several drafters (plain decoding is always measured)")
+    seen: dict[str, str] = {}
+    for s in specs:
+        key = s if s in BUILDERS else os.path.realpath(s)
+        if key in seen:
+            raise SpecHeadsError(f"--drafter '{text}' lists the drafter {s} twice" + (f" (as {seen[key]})" if seen[key] != s else ""))
+        seen[key] = s
+    return specs
+
+
+def _drafter_labels(specs: list[str], kinds: list[str]) -> list[str]:
+    """Names for drafters side by side: 'ngram', or kind:folder, e.g. 'medusa:medusa/drafter' for
+    runs/medusa/drafter (a training run's drafter folder is named by its run), with more of the path
+    where two would read the same."""
+    import os
+
+    from .drafters import BUILDERS
+
+    parts = [[s] if s in BUILDERS else [p for p in os.path.abspath(s).split(os.sep) if p] or [s] for s in specs]
+    depth = [2 if len(p) > 1 and p[-1] == "drafter" else 1 for p in parts]
+    while True:
+        labels = [s if s in BUILDERS else f"{k}:{'/'.join(p[-n:])}" for s, k, p, n in zip(specs, kinds, parts, depth)]
+        clash = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            return labels
+        for i in clash:
+            depth[i] += 1
+
+
+def _not_swept(args, drafter, label: str) -> list[str]:
+    """The sweep options the user set that this drafter's kind does not take, each said on stderr."""
+    given = {"tree": [t for t in args.tree.split(",") if t], "draft_vocab": list(_parse_sizes(args.draft_vocab, "--draft-vocab"))}
+    defaults = {"tree": ["auto"], "draft_vocab": [0]}
+    skipped = []
+    for option, values in given.items():
+        flag = _OPTION_FLAGS[option]
+        if values == defaults[option]:
+            continue
+        if drafter.name in SWEPT_OPTIONS and option not in SWEPT_OPTIONS[drafter.name]:
+            why = f"{flag} does not apply to {drafter.name} drafters"
+        elif drafter.name not in SWEPT_OPTIONS and len(values) > 1:
+            why = f"bench sweeps {flag} for {', '.join(k for k, o in SWEPT_OPTIONS.items() if option in o)} drafters only; its first value is used"
+        else:
+            continue
+        print(f"[specheads] bench: {flag} not swept for `{label}` ({why})", file=sys.stderr, flush=True)
+        skipped.append(flag)
+    return skipped
+
+
+def _bench_drafters(args, verifier, specs: list[str]) -> list:
+    """Several drafters side by side: each loaded once, with the variants of it its kind takes."""
+    from .bench import BenchDrafter
+    from .drafters import build_drafter
+
+    drafters = [build_drafter(s, verifier, **_drafter_options(args, s, _drafter_kind(s))) for s in specs]
+    labels = _drafter_labels(specs, [d.name for d in drafters])
+    entries = []
+    for spec, label, d in zip(specs, labels, drafters):
+        info = {"spec": spec}
+        skipped = _not_swept(args, d, label)
+        if skipped:
+            info["not_swept"] = skipped
+        entries.append(BenchDrafter(d, label, _variants(args, verifier, d, spec), info))
+    return entries
 
 
 def _parse_sizes(text: str, flag: str) -> tuple[int, ...]:
@@ -94,12 +219,14 @@ def _parse_sizes(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
-def _variants(args, verifier, drafter) -> dict:
+def _variants(args, verifier, drafter, spec: str | None = None) -> dict:
     """Drafters to sweep side by side, sharing one set of weights: a Medusa drafter's --tree shapes,
-    or a draft model's --draft-vocab sizes."""
+    or a draft model's --draft-vocab sizes (``spec``: the drafter's folder, by default --drafter)."""
     from .draft_vocab import top_tokens
     from .drafters.draft_model import DraftModelDrafter
     from .drafters.medusa import MedusaDrafter
+
+    spec = spec or args.drafter
 
     trees = [t for t in args.tree.split(",") if t]
     if isinstance(drafter, MedusaDrafter) and len(trees) > 1:
@@ -107,8 +234,8 @@ def _variants(args, verifier, drafter) -> dict:
         return {f"tree={t}" if t == d.tree else f"tree={t}:{d.tree}": d for t, d in zip(trees, variants)}
     sizes = _parse_sizes(args.draft_vocab, "--draft-vocab")
     if isinstance(drafter, DraftModelDrafter) and len(sizes) > 1:
-        return {f"vocab={n or 'all'}": DraftModelDrafter(drafter.model, verifier.vocab_size, model_name=args.drafter,
-                                                         draft_vocab=top_tokens(args.drafter, n, verifier.vocab_size) if n else None)
+        return {f"vocab={n or 'all'}": DraftModelDrafter(drafter.model, verifier.vocab_size, model_name=spec,
+                                                         draft_vocab=top_tokens(spec, n, verifier.vocab_size) if n else None)
                 for n in sizes}
     return {}
 
@@ -147,7 +274,7 @@ def _parse_draft_lengths(text: str) -> tuple[int, ...]:
 
 
 def run_bench(args) -> dict:
-    from .bench import BenchConfig, markdown_table, run_benchmark, write_report
+    from .bench import BenchConfig, BenchDrafter, markdown_table, run_benchmark, write_report
     from .prompts import load_prompts
 
     cfg = BenchConfig(
@@ -162,8 +289,19 @@ def run_bench(args) -> dict:
     if cfg.max_new_tokens < 1:
         raise SpecHeadsError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
     prompts = load_prompts(args.prompts, field=args.prompt_field, limit=args.num_prompts)
-    verifier, drafter = _setup(args)
-    cfg.variants = _variants(args, verifier, drafter)
+    specs = _drafter_specs(args.drafter)
+    if len(specs) > 1:
+        # the CPU linears are tuned once, for all of them
+        verifier = _load_verifier(args, speculative=True)
+        drafter = _bench_drafters(args, verifier, specs)
+    else:
+        verifier, drafter = _setup(args)
+        if drafter is not None:  # a lone drafter: method names and report fields as ever
+            info = {"spec": args.drafter}
+            skipped = _not_swept(args, drafter, args.drafter)
+            if skipped:
+                info["not_swept"] = skipped
+            drafter = [BenchDrafter(drafter, None, _variants(args, verifier, drafter), info)]
     encoded = [verifier.encode(p) for p in prompts]
     report = run_benchmark(verifier, drafter, encoded, cfg)
     report["prompts"] = args.prompts
@@ -234,7 +372,7 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     if args.output_dir:
         recipe.training.output_dir = args.output_dir
-    train(recipe, resume=args.resume, data_only=args.data_only)
+    train(recipe, resume=args.resume, force=args.force, data_only=args.data_only)
     return 0
 
 
@@ -310,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. training.max_steps=50 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir (same data order, optimizer and scheduler state)")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a checkpoint whose recipe differs only in "
+                   "training.max_steps, eval_every, save_every or log_every (a change to anything the checkpoint depends on, "
+                   "e.g. data, batch size, seed, drafter, objective or learning rate, is refused even so)")
     p.add_argument("--output-dir", default=None, help="override training.output_dir")
     p.add_argument("--data-only", action="store_true", help="stop once the data is ready: self-distil (every process "
                    "answers its share under accelerate launch) and split it, without training")

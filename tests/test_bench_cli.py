@@ -89,6 +89,10 @@ def test_generate_prints_text(tiny_dirs, capsys):
         (["--max-new-tokens", "0"], "0"),
         (["--num-draft-tokens", "x,2"], "x,2"),
         (["--prompts", "/nonexistent/q.jsonl"], "/nonexistent/q.jsonl"),
+        (["--drafter", "ngram,,"], "ngram,,"),
+        (["--drafter", "ngram,none"], "ngram,none"),
+        (["--drafter", "ngram,ngram"], "ngram,ngram"),
+        (["--drafter", "ngram,/no/such/drafter"], "/no/such/drafter"),
     ],
 )
 def test_bad_cli_input_is_one_clear_error(tiny_dirs, tmp_path, capsys, args, named):
@@ -168,3 +172,92 @@ def test_bench_sweeps_draft_vocabularies(tiny_dirs, tmp_path):
         assert m["identical_to_verifier"] is True
     assert main(bench_args(tiny_dirs, tmp_path / "bad", str(draft), "--draft-vocab", "-1", "--no-hf")) == 2
     assert main(bench_args(tiny_dirs, tmp_path / "bad", str(draft), "--draft-vocab", "999", "--no-hf")) == 2
+
+
+def save_tiny_medusa(tiny_dirs, path):
+    from specheads.drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
+    from specheads.verifier import load_verifier
+
+    verifier = load_verifier(tiny_dirs["verifier"], device="cpu")
+    heads = MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=verifier.vocab_size, num_heads=3))
+    heads.init_lm_heads_from(verifier.model.lm_head.weight)
+    save_medusa(path, heads, verifier)
+    return str(path)
+
+
+def test_bench_puts_several_drafters_side_by_side(tiny_dirs, tmp_path, capsys):
+    """--drafter ngram,MEDUSA,DRAFT: one run, each drafter loaded once and swept over the options its
+    kind takes (Medusa trees, draft vocabularies), every method named after its drafter and lossless."""
+    import shutil
+
+    medusa = save_tiny_medusa(tiny_dirs, tmp_path / "runs" / "medusa" / "drafter")
+    draft = tmp_path / "runs" / "distill" / "drafter"
+    shutil.copytree(tiny_dirs["draft"], draft)
+    ranked = list(range(3, 40))
+    (draft / "draft_vocab.json").write_text(json.dumps({"source": "test", "token_ids": ranked, "counts": [1] * len(ranked)}))
+    out = tmp_path / "out"
+    args = bench_args(tiny_dirs, out, f"ngram,{medusa},{draft}", "--tree", "chain,tree8", "--draft-vocab", "0,12",
+                      "--num-draft-tokens", "3")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    methods = report["methods"]
+    assert set(methods) == {
+        "plain", "hf_generate", "hf_prompt_lookup[ngram]", "hf_assisted[draft_model:distill/drafter]",
+        "speculative[ngram]",
+        "speculative[medusa:medusa/drafter,tree=chain]", "speculative[medusa:medusa/drafter,tree=tree8]",
+        "speculative[draft_model:distill/drafter,vocab=all]", "speculative[draft_model:distill/drafter,vocab=12]",
+    }
+    plain = methods["plain"]["tokens_per_s"]
+    for name, m in methods.items():
+        assert m["identical_to_verifier"] is True, name  # float32, greedy: lossless
+        assert m["speedup"] == pytest.approx(m["tokens_per_s"] / plain), name  # every ratio against this run's plain
+    assert methods["speculative[ngram]"]["drafter"] == "ngram"
+    tree8 = methods["speculative[medusa:medusa/drafter,tree=tree8]"]["detail"]
+    assert tree8.startswith("tree tree8, ")  # the preset's paths the 3 heads can reach
+    assert methods["speculative[draft_model:distill/drafter,vocab=12]"]["detail"] == "draft vocabulary of 12 tokens"
+    assert len(methods["speculative[medusa:medusa/drafter,tree=chain]"]["acceptance_per_position"]) == 3
+    assert report["drafter"] == "ngram, medusa:medusa/drafter, draft_model:distill/drafter"
+    assert report["drafter_detail"] is None
+    drafters = {d["label"]: d for d in report["drafters"]}
+    assert [d["kind"] for d in report["drafters"]] == ["ngram", "medusa", "draft_model"]
+    assert drafters["ngram"]["not_swept"] == ["--tree", "--draft-vocab"]
+    assert drafters["medusa:medusa/drafter"]["not_swept"] == ["--draft-vocab"]
+    assert set(drafters["medusa:medusa/drafter"]["variants"]) == {"tree=chain", "tree=tree8"}
+    assert drafters["medusa:medusa/drafter"]["draft_vocab"] == "all"
+    assert drafters["draft_model:distill/drafter"]["not_swept"] == ["--tree"]
+    assert drafters["draft_model:distill/drafter"]["spec"] == str(draft)
+    # options a kind does not take are said on stderr, not refused
+    assert "--draft-vocab not swept for `medusa:medusa/drafter`" in err
+    assert "--tree not swept for `draft_model:distill/drafter`" in err
+    assert err.count("CPU linears:") <= 2  # tuned (or reused) once per run, not per drafter
+    table = (out / "report.md").read_text()
+    assert "3 drafters side by side" in table
+    assert "| method | drafter | variant |" in table
+    assert f"| speculative[medusa:medusa/drafter,tree=tree8] | medusa:medusa/drafter | {tree8} |" in table
+    assert drafters["draft_model:distill/drafter"]["draft_vocab"] == ["all", 12]
+    assert drafters["medusa:medusa/drafter"]["tree"] == ["chain", "tree8"]
+    assert f"- `draft_model:distill/drafter` ({draft}): draft_model; draft vocabulary all, 12; variants vocab=all (full vocabulary), " in table
+    assert "not swept: --tree" in table
+    assert (out / "report.png").stat().st_size > 1000
+
+
+def test_bench_two_drafters_with_a_draft_length_sweep(tiny_dirs, tmp_path):
+    medusa = save_tiny_medusa(tiny_dirs, tmp_path / "medusa")
+    args = bench_args(tiny_dirs, tmp_path / "out", f"{medusa},ngram", "--num-draft-tokens", "1,3", "--no-hf")
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["methods"]) == {"plain", "speculative[medusa:medusa,k=1]", "speculative[medusa:medusa,k=3]",
+                                      "speculative[ngram,k=1]", "speculative[ngram,k=3]"}
+    assert all(m["identical_to_verifier"] is True for m in report["methods"].values())
+    assert set(report["best_draft_length"]) == {"medusa:medusa", "ngram"}
+    assert "best draft length (ngram) by measured speedup" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_drafter_labels_tell_apart_runs_with_the_same_folder_names():
+    from specheads.cli import _drafter_labels
+
+    specs = ["/r/a/medusa/drafter", "/r/b/medusa/drafter", "/r/distill/drafter", "ngram", "/m/SmolLM2-360M"]
+    kinds = ["medusa", "medusa", "draft_model", "ngram", "draft_model"]
+    assert _drafter_labels(specs, kinds) == [
+        "medusa:a/medusa/drafter", "medusa:b/medusa/drafter", "draft_model:distill/drafter", "ngram", "draft_model:SmolLM2-360M"]
