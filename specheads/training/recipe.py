@@ -63,7 +63,9 @@ class DrafterSection:
 
 @dataclass
 class SelfDistillSection:
-    prompts: str = "default"  # "default" = the offline training prompt source; or a prompt source as in `specheads bench`
+    # "default" = the offline training prompt source; "sharegpt" / "sharegpt:PATH" = ShareGPT V3's
+    # first user turns (in an order fixed by training.seed); or a prompt source as in `specheads bench`
+    prompts: str = "default"
     num_prompts: int | None = 256
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -71,10 +73,21 @@ class SelfDistillSection:
     output_dir: str = "runs/data/self_distilled"
 
 
+class _UnsetSelfDistill(SelfDistillSection):
+    """data.self_distill when the recipe leaves it out: told apart from a section it writes, so that
+    naming only data.conversations still means conversations only."""
+
+
 @dataclass
 class DataSection:
-    self_distill: SelfDistillSection | None = field(default_factory=SelfDistillSection)
-    conversations: str | None = None  # an existing conversation dataset instead of self-distillation
+    # Self-distil when the recipe writes this section (`self_distill: {}` for the defaults), or
+    # leaves it out and names no conversations; `null` never. With conversations too, the two
+    # datasets are concatenated.
+    self_distill: SelfDistillSection | None = field(default_factory=_UnsetSelfDistill)
+    # An existing conversation dataset (teacher-forced on its replies); "sharegpt" / "sharegpt:PATH"
+    # = ShareGPT V3's first user turns and the replies they got.
+    conversations: str | None = None
+    num_conversations: int | None = None  # use at most this many of data.conversations
     max_length: int = 512
     eval_fraction: float = 0.05
 
@@ -146,6 +159,8 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         t, d, o, dr = self.training, self.data, self.objective, self.drafter
+        if type(d.self_distill) is _UnsetSelfDistill:
+            d.self_distill = None if d.conversations else SelfDistillSection()
         if dr.kind not in DRAFTER_KINDS:
             raise SpecHeadsError(f"recipe value drafter.kind={dr.kind!r} is not a drafter kind (choose {', '.join(DRAFTER_KINDS)})")
         distill = dr.kind == "draft_model"
@@ -167,6 +182,8 @@ class Recipe:
             ("training.log_every", t.log_every, t.log_every >= 1),
             ("data.max_length", d.max_length, d.max_length >= 8),
             ("data.eval_fraction", d.eval_fraction, 0 < d.eval_fraction < 1),
+            ("data.num_conversations", d.num_conversations, d.num_conversations is None
+             or (isinstance(d.num_conversations, int) and not isinstance(d.num_conversations, bool) and d.num_conversations >= 1)),
             ("objective.head_decay", o.head_decay, 0 < o.head_decay <= 1),
             ("objective.temperature", o.temperature, o.temperature > 0),
             ("objective.jsd_beta", o.jsd_beta, 0 <= o.jsd_beta <= 1),
@@ -200,7 +217,19 @@ class Recipe:
         self._check_kind_specific()
         if d.self_distill is None and not d.conversations:
             raise SpecHeadsError("recipe needs data.self_distill or data.conversations")
+        self._check_data_sources()
         return self
+
+    def _check_data_sources(self) -> None:
+        """A limit without conversations is refused; a ShareGPT file is found before any model loads."""
+        from .sharegpt import is_sharegpt_source, sharegpt_path, source_path
+
+        d = self.data
+        if d.num_conversations is not None and not d.conversations:
+            raise SpecHeadsError(f"recipe value data.num_conversations={d.num_conversations!r} needs data.conversations")
+        for source in (d.conversations, d.self_distill.prompts if d.self_distill is not None else None):
+            if is_sharegpt_source(source):
+                sharegpt_path(source_path(source))
 
     def _check_kind_specific(self) -> None:
         """Settings that belong to the other drafter kind are refused, not silently ignored."""
