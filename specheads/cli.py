@@ -275,7 +275,7 @@ def _parse_draft_lengths(text: str) -> tuple[int, ...]:
 
 def run_bench(args) -> dict:
     from .bench import BenchConfig, BenchDrafter, markdown_table, run_benchmark, write_report
-    from .prompts import load_prompts
+    from .prompts import PLAIN_TEXT_NO_TEMPLATE, load_prompts, prompt_format
 
     cfg = BenchConfig(
         max_new_tokens=args.max_new_tokens,
@@ -302,9 +302,15 @@ def run_bench(args) -> dict:
             if skipped:
                 info["not_swept"] = skipped
             drafter = [BenchDrafter(drafter, None, _variants(args, verifier, drafter), info)]
-    encoded = [verifier.encode(p) for p in prompts]
+    chat_template = {"auto": None, "on": True, "off": False}[getattr(args, "chat_template", "auto")]
+    prompt_fmt = prompt_format(verifier, prompts, chat_template)
+    if PLAIN_TEXT_NO_TEMPLATE in prompt_fmt:
+        print(f"specheads: verifier '{verifier.name}' has no chat template: chat prompts are encoded as plain text "
+              "('User: ...\\nAssistant:')", file=sys.stderr, flush=True)
+    encoded = [verifier.encode(p, chat_template=chat_template) for p in prompts]
     report = run_benchmark(verifier, drafter, encoded, cfg)
     report["prompts"] = args.prompts
+    report["prompt_format"] = prompt_fmt
     report["cpu_linears"] = args.cpu_linears_report
     paths = write_report(report, args.output)
     print(markdown_table(report))
@@ -440,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark speculative decoding against plain decoding and Hugging Face generate",
                        description="Measure tokens/s, tau, acceptance per draft position and speedup over plain decoding, side by side in one run.")
     _add_bench_args(p, output="outputs/bench")
+    p.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"], help="encode chat prompts with the verifier's chat template (default: %(default)s = when the tokenizer has one, else as plain text 'User: ...\\nAssistant:')")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="train a drafter from a YAML recipe (run under `accelerate launch` for DDP / FSDP / DeepSpeed)",

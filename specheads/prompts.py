@@ -1,7 +1,8 @@
 """Prompt sources for generation, benchmarks and self-distillation.
 
 A prompt is a plain string or chat turns ``[{"role": ..., "content": ...}]``; ``Verifier.encode``
-turns either into token ids. Sources: ``default`` (a small set shipped with the package, so
+turns either into token ids: through the tokenizer's chat template when it has one, else (a base
+model) chat turns become plain text, "User: ...\nAssistant:" (``turns_as_plain_text``). Sources: ``default`` (a small set shipped with the package, so
 everything runs offline), a jsonl file (MT-Bench / Spec-Bench records with ``turns``, or records
 with ``prompt`` / ``instruction`` / ``question`` / ``messages``), a directory written by
 ``datasets.save_to_disk``, ShareGPT V3's first user turns (``sharegpt`` for the installed copy or
@@ -98,3 +99,33 @@ def load_prompts(source: str = "default", *, field: str | None = None, limit: in
     if not prompts:
         raise SpecHeadsError(f"no prompts in '{source}'")
     return prompts
+
+
+PLAIN_TEXT_NO_TEMPLATE = "plain text (verifier has no chat template)"
+
+
+def turns_as_plain_text(turns) -> str:
+    """Chat turns as plain text, for a verifier without a chat template (a base model): one
+    "Role: content" line per turn, then "Assistant:" for the model to continue, e.g.
+    "User: What is a hash table?\nAssistant:"."""
+    lines = [f"{str(t.get('role') or 'user').capitalize()}: {str(t.get('content', '')).strip()}" for t in turns]
+    return "\n".join(lines + ["Assistant:"])
+
+
+def prompt_format(verifier, prompts: list[Prompt], chat_template: bool | None = None) -> str:
+    """How ``verifier.encode(p, chat_template)`` encodes these prompts, in words for a run's header
+    and report: "chat template", "plain text", or PLAIN_TEXT_NO_TEMPLATE when chat turns meet a
+    verifier without a chat template (several, joined by "; ", for a mixed list)."""
+    has_template = bool(getattr(getattr(verifier, "tokenizer", None), "chat_template", None))
+    use = has_template if chat_template is None else chat_template
+    formats = []
+    for p in prompts:
+        if use:
+            f = "chat template"
+        elif isinstance(p, str) or has_template or chat_template is False:
+            f = "plain text"
+        else:
+            f = PLAIN_TEXT_NO_TEMPLATE
+        if f not in formats:
+            formats.append(f)
+    return "; ".join(formats)

@@ -85,16 +85,18 @@ class Verifier:
     def encode(self, prompt: str | Sequence[dict], chat_template: bool | None = None) -> list[int]:
         """Token ids for a prompt: a plain string, or chat turns ``[{"role", "content"}, ...]``.
 
-        ``chat_template=None`` applies the tokenizer's chat template when it has one; chat turns
-        always need one.
+        ``chat_template=None`` applies the tokenizer's chat template when it has one. Without one
+        (a base model), chat turns are encoded as plain text, "User: ...\nAssistant:"
+        (``prompts.turns_as_plain_text``). ``chat_template=True`` insists on the template (an
+        error when there is none); ``False`` encodes a string as is and turns as that plain text.
         """
         if self.tokenizer is None:
             raise SpecHeadsError(f"verifier '{self.name}' has no tokenizer: pass token ids instead of text")
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        use = has_template if chat_template is None else chat_template
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise SpecHeadsError("empty prompt: the prompt text is blank")
-            use = has_template if chat_template is None else chat_template
             if not use:
                 return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             messages = [{"role": "user", "content": prompt}]
@@ -102,8 +104,15 @@ class Verifier:
             messages = list(prompt)
             if not messages or not any(str(m.get("content", "")).strip() for m in messages):
                 raise SpecHeadsError(f"empty prompt: no message with content in {messages!r}")
+            if not use:
+                from .prompts import turns_as_plain_text
+
+                return self.tokenizer(turns_as_plain_text(messages), add_special_tokens=True)["input_ids"]
         if not has_template:
-            raise SpecHeadsError(f"verifier '{self.name}' has no chat template, so chat turns cannot be encoded")
+            raise SpecHeadsError(
+                f"verifier '{self.name}' has no chat template, so it cannot wrap the prompt in one "
+                "(the chat template was asked for; without it chat turns are encoded as plain text)"
+            )
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
             ids = ids["input_ids"]
