@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -26,21 +28,133 @@ WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def atomic_directory(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)``, then move tmp_dir to ``target`` in one rename (replacing it)."""
+# Names of the sibling folders a write goes through: ".NAME.tmp-PID-RANDOM" (being written) and
+# ".NAME.old-PID-RANDOM" (the previous folder, moved aside for the instant between the two renames).
+# The PID says whether the writer still runs; the random part keeps a reused PID from colliding
+# with a stale folder. Older versions wrote ".NAME.tmp-RANDOM" and ".NAME.old-PID".
+_SIBLING = r"\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-[A-Za-z0-9_]+|(?P<legacy_pid>\d+)|[A-Za-z0-9_]+)"
+_IN_PROGRESS: set[str] = set()  # this process's own sibling folders, still in use
+
+
+def _umask() -> int:
+    try:  # Linux >= 4.7 reports it without changing it (os.umask is process-wide and racy)
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish_tree(root: Path) -> None:
+    """Give every file and folder under root ordinary permissions (what open() and mkdir() give
+    under the umask: safetensors writes its files 0o600, mkdtemp its folder 0o700), then flush
+    them, so a folder renamed into place after a power loss never holds empty or partial files."""
+    umask = _umask()
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            if path.is_symlink():
+                continue
+            os.chmod(path, (0o666 | (path.stat().st_mode & 0o111)) & ~umask)
+            _fsync_path(path)
+        os.chmod(folder, 0o777 & ~umask)
+        _fsync_path(Path(folder), directory=True)
+
+
+def _writer_alive(pid: int | None, path: Path) -> bool:
+    if pid is None or pid <= 0:
+        return False  # an older version's temp folder, or a name we did not write: no owner to wait for
+    if pid == os.getpid():
+        return str(path) in _IN_PROGRESS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: a live process of another user
+        return True
+    return True
+
+
+def recover_directory(target: str | os.PathLike) -> None:
+    """Finish what an interrupted ``atomic_directory`` left next to ``target``.
+
+    A writer killed between its two renames leaves no ``target`` but the previous folder as
+    ``.NAME.old-*``: it is moved back. Other leftovers of dead writers (``.tmp-*`` folders, an
+    ``.old-*`` whose replacement landed) are removed. Folders of writers still running are left alone.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    parent = target.parent
+    pattern = re.compile(re.escape(f".{target.name}") + _SIBLING + "$")
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return  # no parent folder: nothing to recover
+    stale = {"tmp": [], "old": []}
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if not match or not entry.is_dir(follow_symlinks=False):
+            continue
+        path = parent / entry.name
+        pid = match["pid"] or match["legacy_pid"]
+        pid = int(pid) if pid else None
+        if not _writer_alive(pid, path):
+            stale[match["kind"]].append(path)
+    if stale["old"] and not os.path.lexists(target):
+        # Only the previous folder is known complete: a .tmp may have died mid-write.
+        newest = max(stale["old"], key=lambda p: p.stat().st_mtime)
+        os.replace(newest, target)
+        stale["old"].remove(newest)
+        _fsync_path(parent, directory=True)
+    for path in stale["tmp"] + stale["old"]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def atomic_directory(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)``, then move tmp_dir to ``target`` (replacing it), so that at every
+    instant either the previous folder or the complete new one is in place or recoverable.
+
+    The previous folder is renamed aside, the new one renamed in, the parent fsynced, and only then
+    the previous one deleted; a crash in between leaves it as ``.NAME.old-*``, which the next
+    save or load (``recover_directory``) moves back. Files are fsynced before the renames. Folders
+    get 0o777 and files 0o666 minus the umask (not mkdtemp's 0o700 or safetensors' 0o600), so
+    other users, such as a serving process, can read the checkpoint.
+    """
+    target = Path(target)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=parent))
+    old = parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    _IN_PROGRESS.update((str(tmp), str(old)))
     try:
         write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        _finish_tree(tmp)
+        moved_aside = False
+        if os.path.lexists(target):
             os.replace(target, old)
+            moved_aside = True
+        try:
             os.replace(tmp, target)
+        except BaseException:
+            if moved_aside and not os.path.lexists(target):
+                os.replace(old, target)  # put the previous folder back before reporting the failure
+            raise
+        _fsync_path(parent, directory=True)
+        if moved_aside:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
     finally:
+        _IN_PROGRESS.difference_update((str(tmp), str(old)))
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -81,6 +195,7 @@ def save_drafter(
 def read_json_config(path: str | os.PathLike) -> dict:
     """A drafter folder's config.json as a dict: any drafter kind, or a plain model folder."""
     path = Path(path)
+    recover_directory(path)  # a save killed between its renames leaves the previous folder aside
     if not path.is_dir():
         raise SpecHeadsError(f"drafter checkpoint not found: {path}")
     cfg_path = path / CONFIG
@@ -88,18 +203,24 @@ def read_json_config(path: str | os.PathLike) -> dict:
         raise SpecHeadsError(f"drafter checkpoint {path} has no {CONFIG}")
     try:
         config = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SpecHeadsError(f"drafter config {cfg_path} is corrupt: {exc}") from exc
     if not isinstance(config, dict):
-        raise SpecHeadsError(f"drafter config {cfg_path} is corrupt: not a JSON object")
+        raise SpecHeadsError(f"drafter config {cfg_path} is corrupt: a JSON {type(config).__name__}, not an object")
+    block = config.get("specheads")
+    if block is not None and not isinstance(block, dict):
+        raise SpecHeadsError(f"drafter config {cfg_path}: 'specheads' must be an object, got {block!r}")
     return config
 
 
 def read_config(path: str | os.PathLike) -> dict:
     """The config of a specheads drafter checkpoint (it has the ``specheads`` block)."""
     config = read_json_config(path)
-    if "specheads" not in config or "drafter_kind" not in config["specheads"]:
+    block = config.get("specheads")
+    if block is None or "drafter_kind" not in block:
         raise SpecHeadsError(f"{Path(path) / CONFIG} is not a specheads drafter config (no 'specheads.drafter_kind')")
+    if not isinstance(block["drafter_kind"], str):
+        raise SpecHeadsError(f"{Path(path) / CONFIG}: 'specheads.drafter_kind' must be a string, got {block['drafter_kind']!r}")
     return config
 
 
@@ -111,7 +232,7 @@ def load_drafter_state(path: str | os.PathLike, verifier=None, expected_kind: st
     if expected_kind and meta["drafter_kind"] != expected_kind:
         raise SpecHeadsError(f"{path} holds a '{meta['drafter_kind']}' drafter, not '{expected_kind}'")
     if verifier is not None:
-        check_verifier(meta.get("verifier", {}), verifier, path)
+        check_verifier(meta.get("verifier"), verifier, path)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise SpecHeadsError(f"drafter checkpoint {path} has no {WEIGHTS}")
@@ -122,22 +243,58 @@ def load_drafter_state(path: str | os.PathLike, verifier=None, expected_kind: st
     return config, tensors
 
 
-def check_verifier(recorded: dict, verifier, path) -> None:
-    """Fail clearly when a drafter meets a verifier it was not trained for."""
+# What every checkpoint since format 1 records of its verifier; "weights_sha256" came later.
+REQUIRED_VERIFIER_KEYS = ("vocab_size", "hidden_size", "lm_head_sha256")
+
+
+def check_verifier(recorded: dict | None, verifier, path) -> None:
+    """Fail clearly when a drafter meets a verifier it was not trained for.
+
+    A drafter that records no verifier is refused rather than trusted: it would decode, only
+    slowly and without a hint why. Checkpoints from before ``weights_sha256`` are checked on what
+    they record (sizes and LM head), which cannot tell a Medusa-2 verifier from its base model.
+    """
+    if not recorded:
+        raise SpecHeadsError(
+            f"drafter {path} records no verifier (no 'specheads.verifier' in its {CONFIG}), so it cannot be checked "
+            f"against '{verifier.name}': re-save it with specheads, or add the block (checkpoint.verifier_info(verifier))"
+        )
+    if not isinstance(recorded, dict):
+        raise SpecHeadsError(f"drafter {path}: 'specheads.verifier' must be an object, got {recorded!r}")
+    missing = [k for k in REQUIRED_VERIFIER_KEYS if k not in recorded]
+    if missing:
+        raise SpecHeadsError(
+            f"drafter {path} records its verifier without {', '.join(repr(k) for k in missing)} (it has "
+            f"{sorted(recorded) or 'no keys'}), so it cannot be checked against '{verifier.name}'"
+        )
     actual = verifier.fingerprint()
     for key in ("vocab_size", "hidden_size"):
-        if key in recorded and recorded[key] != actual[key]:
+        if recorded[key] != actual[key]:
             raise SpecHeadsError(
                 f"drafter {path} was trained for a verifier with {key}={recorded[key]} "
                 f"({recorded.get('name', '?')}), but '{verifier.name}' has {key}={actual[key]}"
             )
-    if "lm_head_sha256" in recorded and recorded["lm_head_sha256"] != actual["lm_head_sha256"]:
+    if recorded["lm_head_sha256"] != actual["lm_head_sha256"]:
         raise SpecHeadsError(
             f"drafter {path} was trained for verifier '{recorded.get('name', '?')}' (LM head hash "
             f"{recorded['lm_head_sha256']}), but '{verifier.name}' has LM head hash {actual['lm_head_sha256']}: "
             "a different model (or different weights)"
         )
+    if "weights_sha256" in recorded:
+        from .verifier import weights_sha256
+
+        have = weights_sha256(verifier.model)
+        if recorded["weights_sha256"] != have:
+            raise SpecHeadsError(
+                f"drafter {path} was trained for verifier '{recorded.get('name', '?')}' (weights hash "
+                f"{recorded['weights_sha256']}), but '{verifier.name}' has weights hash {have}: same LM head, other "
+                "weights, e.g. Medusa-2 heads (trained with a LoRA-tuned verifier: load the adapted verifier the run "
+                "saved next to the drafter) or another fine-tune of the same base"
+            )
 
 
 def verifier_info(verifier) -> dict:
-    return {"name": verifier.name, **verifier.fingerprint()}
+    """What a checkpoint records of its verifier: name, ``fingerprint()`` and a hash of every tensor."""
+    from .verifier import weights_sha256
+
+    return {"name": verifier.name, **verifier.fingerprint(), "weights_sha256": weights_sha256(verifier.model)}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import SpecHeadsError
 from .sampling import SamplingParams
 
 
@@ -42,12 +43,17 @@ class Candidates:
         return bool(torch.equal(self.parents.cpu(), torch.arange(-1, n - 1)))
 
     def __post_init__(self):
+        # SpecHeadsError: a drafter's bad proposal would otherwise surface as an index error deep
+        # in tree attention or in verification.
         if self.tokens.shape != self.parents.shape or self.tokens.dim() != 1:
-            raise ValueError(f"tokens {tuple(self.tokens.shape)} and parents {tuple(self.parents.shape)} must be equal 1-D shapes")
-        if len(self) and bool((self.parents >= torch.arange(len(self))).any()):
-            raise ValueError(f"parents must point to earlier nodes (topological order): {self.parents.tolist()}")
+            raise SpecHeadsError(f"tokens {tuple(self.tokens.shape)} and parents {tuple(self.parents.shape)} must be equal 1-D shapes")
+        if len(self) and bool((self.parents < -1).any()):
+            bad = [p for p in self.parents.tolist() if p < -1]
+            raise SpecHeadsError(f"parents must be -1 (the pending token) or a node index, got {bad[0]} in {self.parents.tolist()}")
+        if len(self) and bool((self.parents >= torch.arange(len(self), device=self.parents.device)).any()):
+            raise SpecHeadsError(f"parents must point to earlier nodes (topological order): {self.parents.tolist()}")
         if self.draft_probs is not None and self.draft_probs.shape[0] != len(self):
-            raise ValueError(f"draft_probs has {self.draft_probs.shape[0]} rows for {len(self)} candidate tokens")
+            raise SpecHeadsError(f"draft_probs has {self.draft_probs.shape[0]} rows for {len(self)} candidate tokens")
 
 
 @dataclass

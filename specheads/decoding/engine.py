@@ -18,6 +18,7 @@ accepted path reached depth d + 1.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -31,6 +32,10 @@ from .metrics import DecodingStats
 from .sampling import SamplingParams
 from .tree import clip_tree_depth, tree_attention_mask, tree_max_depth, tree_position_ids
 from .verify import greedy_verify, greedy_verify_tree, speculative_sampling, tree_speculative_sampling, typical_acceptance
+
+
+# Attention implementations tested with the 4D masks of tree verification (tests/test_tree.py).
+TREE_ATTENTION = ("eager", "sdpa")
 
 
 @dataclass
@@ -69,6 +74,36 @@ class SpeculativeDecoder:
             raise SpecHeadsError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
         self.num_draft_tokens = num_draft_tokens
         self.adaptive = adaptive
+        self._no_trees = self._check_tree_support(drafter) if drafter is not None else None
+
+    def _check_tree_support(self, drafter) -> str | None:
+        """Tree steps need a cache whose every layer keeps every position (``keep_positions``) and
+        an attention that honours a 4D mask (eager and sdpa are tested with tree masks). A drafter
+        that declares ``proposes_trees`` is refused, or the verifier switched to sdpa, here rather
+        than at its first tree; for others, the reason a tree step would be refused, or None."""
+        trees = bool(getattr(drafter, "proposes_trees", False))
+        who = f"verifier '{getattr(self.verifier, 'name', type(self.model).__name__)}'"
+        windows = sorted({layer.sliding_window for layer in new_cache(self.model).layers if getattr(layer, "is_sliding", False)})
+        if windows:
+            why = (f"{who} has sliding-window attention (window {windows[0]} tokens), whose cache drops positions that "
+                   f"tree verification must keep: drafter '{drafter.name}' proposes candidate trees; use a chain (e.g. --tree chain)")
+            if trees:
+                raise SpecHeadsError(why)
+            return why
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if impl in TREE_ATTENTION:
+            return None
+        if not trees:
+            return f"{who} uses attention '{impl}', which is not tested with the 4D masks of tree verification (eager, sdpa)"
+        try:
+            self.model.set_attn_implementation("sdpa")
+        except Exception:  # noqa: BLE001  (older or remote-code models): refused just below
+            pass
+        if getattr(self.model.config, "_attn_implementation", None) not in TREE_ATTENTION:
+            raise SpecHeadsError(f"{who} uses attention '{impl}', which tree verification cannot use (it needs eager or sdpa "
+                                 f"for its 4D mask), and it cannot be switched to sdpa: load it with attn_implementation='sdpa'")
+        warnings.warn(f"{who}: attention '{impl}' switched to 'sdpa' for the candidate trees of drafter '{drafter.name}'", stacklevel=3)
+        return None
 
     # -- validation ---------------------------------------------------------------------------
     def _check(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
@@ -146,7 +181,8 @@ class SpeculativeDecoder:
             k = min(controller.choose(), max_new_tokens - len(new) - 1)
             t0 = time.perf_counter()
             if drafter is not None and k > 0:
-                cands = drafter.propose(DraftContext(tokens, k, sampling, generator, hidden))
+                # A copy: a drafter that edits ctx.tokens must not change what the engine verifies.
+                cands = drafter.propose(DraftContext(list(tokens), k, sampling, generator, hidden))
                 cands = _clip(cands, k)
             else:
                 cands = Candidates.empty()
@@ -207,6 +243,8 @@ class SpeculativeDecoder:
         Returns (emitted tokens, number of accepted drafts, the tree's depth, the hidden states of
         [root] + accepted path for the drafter, or None).
         """
+        if self._no_trees:  # a drafter that proposes trees without declaring proposes_trees
+            raise SpecHeadsError(self._no_trees)
         past_len = len(tokens) - 1  # the cache holds every token but the pending one
         dtype = self.model.get_output_embeddings().weight.dtype
         step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)

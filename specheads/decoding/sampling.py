@@ -6,6 +6,7 @@ warped by temperature, top-k and top-p, in that order, then softmax.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +27,20 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
 
     def __post_init__(self):
+        # Stored as Python numbers of one type: transformers' temperature warper refuses an int
+        # (SamplingParams(temperature=1) is 1.0 here), and NaN fails every comparison below
+        # silently, so it is refused by name, as is inf (a temperature of inf is not a distribution).
+        object.__setattr__(self, "temperature", _real("temperature", self.temperature))
+        object.__setattr__(self, "top_p", _real("top_p", self.top_p))
+        if isinstance(self.top_k, bool) or not hasattr(self.top_k, "__index__"):
+            raise SpecHeadsError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))
         if self.temperature < 0:
-            raise SpecHeadsError(f"temperature must be >= 0, got {self.temperature}")
+            raise SpecHeadsError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise SpecHeadsError(f"top_k must be >= 0, got {self.top_k}")
+            raise SpecHeadsError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise SpecHeadsError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SpecHeadsError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
 
     @property
     def greedy(self) -> bool:
@@ -54,3 +63,13 @@ class SamplingParams:
             return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
         # The warpers ignore input_ids; they take [batch, V] scores.
         return torch.softmax(self.warpers()(None, logits), dim=-1)
+
+
+def _real(name: str, value) -> float:
+    """A finite float from an int, float or numpy/torch scalar (not a bool or a string)."""
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        raise SpecHeadsError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise SpecHeadsError(f"{name} must be a finite number, got {value}")
+    return value

@@ -8,9 +8,10 @@ Later drafter kinds register a checkpoint loader here; the engine never branches
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
+
+from safetensors import SafetensorError
 
 from ..errors import SpecHeadsError
 from .base import DraftContext, Drafter
@@ -40,11 +41,45 @@ def load_draft_model(path: str, verifier, *, trust_remote_code: bool = False, dr
 
     from ..draft_vocab import top_tokens
 
+    _check_draft_model_folder(path)
     ids = top_tokens(path, draft_vocab, verifier.vocab_size) if draft_vocab else None
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=verifier.dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    ).to(verifier.device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=verifier.dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        ).to(verifier.device)
+    except SpecHeadsError:
+        raise
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # the folder passed the checks above, yet transformers refuses it
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SpecHeadsError(f"draft model {path} cannot be loaded: {first}") from exc
     return DraftModelDrafter(model, verifier.vocab_size, model_name=f"draft model {path}", draft_vocab=ids)
+
+
+def _check_draft_model_folder(path: str) -> None:
+    """What transformers would report as an OSError, a ValueError or a safetensors exception."""
+    from safetensors import safe_open
+
+    from ..checkpoint import read_json_config
+
+    config = read_json_config(path)
+    if not isinstance(config.get("model_type"), str):
+        raise SpecHeadsError(
+            f"{os.path.join(path, 'config.json')} has no model_type (got {config.get('model_type')!r}): neither a specheads "
+            "drafter checkpoint (no 'specheads.drafter_kind') nor a Hugging Face model folder"
+        )
+    weights = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not weights:
+        others = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        raise SpecHeadsError(
+            f"draft model {path} has no .safetensors weights" + (f", only {', '.join(others)}" if others else "")
+            + ": specheads never unpickles .bin files; convert with model.save_pretrained(folder, safe_serialization=True)"
+        )
+    for name in weights:  # a header check: safetensors' own exception names neither file nor folder
+        try:
+            with safe_open(os.path.join(path, name), framework="pt"):
+                pass
+        except Exception as exc:
+            raise SpecHeadsError(f"draft model weights {os.path.join(path, name)} are not valid safetensors: {exc}") from exc
 
 
 from .medusa import load_medusa_drafter  # noqa: E402  (needs register_checkpoint_kind defined)
@@ -58,32 +93,34 @@ def load_trained_draft_model(path: str, verifier, **options) -> DraftModelDrafte
     other than the one it was trained for, then loaded like any draft model."""
     from ..checkpoint import check_verifier, read_config
 
-    check_verifier(read_config(path)["specheads"].get("verifier", {}), verifier, path)
+    check_verifier(read_config(path)["specheads"].get("verifier"), verifier, path)
     return load_draft_model(path, verifier, **options)
 
 
 def build_drafter(spec: str | None, verifier, **options) -> Drafter | None:
+    from ..checkpoint import read_json_config, recover_directory
+
     if spec in (None, "none", "plain"):
         return None
     if spec in BUILDERS:
         return BUILDERS[spec](verifier, **options)
+    recover_directory(spec)  # a save killed between its renames leaves the previous folder aside
     if not os.path.exists(spec):
         raise SpecHeadsError(
             f"unknown drafter '{spec}': not one of {', '.join(['none', *BUILDERS])} and no such file or directory"
         )
-    config_path = os.path.join(spec, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.isfile(os.path.join(spec, "config.json")):
         raise SpecHeadsError(f"drafter directory {spec} has no config.json")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SpecHeadsError(f"drafter config {config_path} is not valid JSON: {exc}") from exc
-    kind = (config.get("specheads") or {}).get("drafter_kind")
-    if kind is None:
+    config = read_json_config(spec)  # refuses a non-object config or 'specheads' block
+    if "specheads" not in config:
         return load_draft_model(spec, verifier, **options)
-    if kind not in CHECKPOINT_LOADERS:
-        raise SpecHeadsError(f"drafter checkpoint {spec} has unknown kind '{kind}' (known: {', '.join(CHECKPOINT_LOADERS) or 'none'})")
+    # A specheads block means a checkpoint of a known kind: never guess it is a plain draft model.
+    kind = config["specheads"].get("drafter_kind")
+    if not isinstance(kind, str) or kind not in CHECKPOINT_LOADERS:
+        raise SpecHeadsError(
+            f"drafter checkpoint {spec} has unknown kind {kind!r} in 'specheads.drafter_kind' "
+            f"(known: {', '.join(CHECKPOINT_LOADERS) or 'none'})"
+        )
     return CHECKPOINT_LOADERS[kind](spec, verifier, **options)
 
 

@@ -14,6 +14,7 @@ Tensor names follow vLLM's Medusa loader (``blocks.{h}.layers.{l}.weight``, ``lm
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -245,6 +246,8 @@ class MedusaDrafter:
         self.tree = tree
         self.paths = tree_paths(tree, heads.config.num_heads, heads.rank_accuracy)
         self.max_rank = max((max(p) for p in self.paths), default=0) + 1
+        # Read by the engine at setup: trees need a verifier that can verify them (no sliding window).
+        self.proposes_trees = self.max_rank > 1
 
     @property
     def detail(self) -> str:
@@ -298,13 +301,40 @@ def save_medusa(path, heads: MedusaHeads, verifier, training: dict | None = None
 
 def load_medusa_heads(path, verifier=None) -> MedusaHeads:
     config, tensors = load_drafter_state(path, verifier, expected_kind=KIND)
-    hp = {k: v for k, v in config["specheads"]["hyper_parameters"].items() if k != "training"}
+    hp = config["specheads"].get("hyper_parameters")
+    if not isinstance(hp, dict):
+        raise SpecHeadsError(f"Medusa checkpoint {path}: 'specheads.hyper_parameters' must be an object, got {hp!r}")
+    training = hp.get("training") or {}
+    hp = {k: v for k, v in hp.items() if k != "training"}
+    fields = {f.name: f for f in dataclasses.fields(MedusaConfig)}
+    unknown = sorted(set(hp) - set(fields))
+    missing = sorted(n for n, f in fields.items() if n not in hp and f.default is dataclasses.MISSING)
+    if unknown or missing:
+        raise SpecHeadsError(
+            f"Medusa checkpoint {path}: hyper_parameters " + "; ".join(
+                ([f"unknown keys {unknown}"] if unknown else []) + ([f"missing keys {missing}"] if missing else []))
+            + f" (known: {', '.join(fields)})"
+        )
+    for name, value in hp.items():  # the JSON types MedusaConfig expects, before it compares them
+        kind = bool if fields[name].type in ("bool", bool) else int
+        if value is None and name == "draft_vocab_size":
+            continue
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise SpecHeadsError(f"Medusa checkpoint {path}: hyper_parameters.{name} must be {'true or false' if kind is bool else 'an integer'}, got {value!r}")
+    for key in ("hidden_size", "vocab_size") if verifier is not None else ():
+        if hp[key] != getattr(verifier, key):
+            raise SpecHeadsError(f"Medusa checkpoint {path}: hyper_parameters.{key}={hp[key]}, but verifier "
+                                 f"'{verifier.name}' has {key}={getattr(verifier, key)}")
     heads = MedusaHeads(MedusaConfig(**hp), token_map=tensors.get("token_map"))
+    expected = heads.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (config says {tuple(expected[k].shape)})" for k, v in tensors.items()
+             if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise SpecHeadsError(f"Medusa checkpoint {path}: tensor shapes do not match its hyper_parameters: {', '.join(wrong[:3])}")
     missing, unexpected = heads.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise SpecHeadsError(f"Medusa checkpoint {path} does not match its config: missing {missing}, unexpected {unexpected}")
-    training = config["specheads"]["hyper_parameters"].get("training") or {}
-    heads.rank_accuracy = rank_accuracy(training.get("eval"), heads.config.num_heads)
+    heads.rank_accuracy = rank_accuracy(training.get("eval") if isinstance(training, dict) else None, heads.config.num_heads)
     return heads
 
 
