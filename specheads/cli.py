@@ -48,8 +48,10 @@ def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> No
     g.add_argument("--draft-vocab", default="0", help="draft models: score only the N most frequent tokens of the drafter's training "
                    "answers (its draft_vocab.json), which cuts the draft LM head's cost; lossless, the verifier still decides. 0 = the full vocabulary"
                    + ("; a comma list sweeps them" if sweep else "") + " (default: %(default)s)")
-    g.add_argument("--tree", default="auto", help="Medusa candidate tree: chain, tree4, tree6, tree8, tree16, autoN (the best N-node tree for the "
-                   "heads' held-out accuracy per rank, recorded at training), or auto (auto3 on a CPU, where it measured fastest; auto16 on a GPU)"
+    g.add_argument("--tree", default="auto", help="candidate tree. Medusa: chain, tree4, tree6, tree8, tree16, autoN (the best N-node tree for the "
+                   "heads' held-out accuracy per rank, recorded at training), or auto (auto3 on a CPU, where it measured fastest; auto16 on a GPU). "
+                   "EAGLE-3: chain, dynN (an EAGLE-2 dynamic tree of N nodes, --num-draft-tokens levels deep) or auto (N chosen from the "
+                   "verifier's measured cost per token count on this machine, cached, and the drafter's recorded accuracy)"
                    + ("; a comma list sweeps them" if sweep else "") + " (default: %(default)s)")
 
 
@@ -93,7 +95,7 @@ def _load_verifier(args, *, speculative: bool):
 # The options bench sweeps per drafter kind (the kind build_drafter resolves), beside --num-draft-tokens,
 # which every drafter takes. A kind not listed gets the first value of --tree and of --draft-vocab at
 # load, as a lone drafter does, and no sweep of them.
-SWEPT_OPTIONS = {"ngram": (), "medusa": ("tree",), "draft_model": ("draft_vocab",)}
+SWEPT_OPTIONS = {"ngram": (), "medusa": ("tree",), "eagle3": ("tree",), "draft_model": ("draft_vocab",)}
 _OPTION_FLAGS = {"tree": "--tree", "draft_vocab": "--draft-vocab"}
 
 
@@ -224,6 +226,7 @@ def _variants(args, verifier, drafter, spec: str | None = None) -> dict:
     or a draft model's --draft-vocab sizes (``spec``: the drafter's folder, by default --drafter)."""
     from .draft_vocab import top_tokens
     from .drafters.draft_model import DraftModelDrafter
+    from .drafters.eagle3 import Eagle3Drafter
     from .drafters.medusa import MedusaDrafter
 
     spec = spec or args.drafter
@@ -232,6 +235,9 @@ def _variants(args, verifier, drafter, spec: str | None = None) -> dict:
     if isinstance(drafter, MedusaDrafter) and len(trees) > 1:
         variants = [MedusaDrafter(drafter.heads, verifier, tree=t) for t in trees]
         return {f"tree={t}" if t == d.tree else f"tree={t}:{d.tree}": d for t, d in zip(trees, variants)}
+    if isinstance(drafter, Eagle3Drafter) and len(trees) > 1:
+        variants = [Eagle3Drafter(drafter.model, verifier, tree=t, top_k=drafter.top_k) for t in trees]
+        return {f"tree={t}" if str(t) == str(d.tree) else f"tree={t}:dyn{d.tree}": d for t, d in zip(trees, variants)}
     sizes = _parse_sizes(args.draft_vocab, "--draft-vocab")
     if isinstance(drafter, DraftModelDrafter) and len(sizes) > 1:
         return {f"vocab={n or 'all'}": DraftModelDrafter(drafter.model, verifier.vocab_size, model_name=spec,
@@ -323,19 +329,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+DEMO_RECIPES = {"eagle3": "recipes/smollm2_eagle3_quick.yaml", "medusa": "recipes/smollm2_medusa1_quick.yaml"}
+DEMO_NAMES = {"eagle3": "EAGLE-3 drafter", "medusa": "Medusa heads"}
+
+
 def cmd_demo(args) -> int:
-    """Self-distil data, train Medusa-1 heads with the quick recipe, benchmark them, print the speedup."""
+    """Train the quick recipe's drafter (EAGLE-3 by default), benchmark it, print the speedup."""
     import os
 
     from .training.loop import train
     from .training.recipe import load_recipe
 
+    args.recipe = args.recipe or DEMO_RECIPES[args.kind]
     recipe = load_recipe(args.recipe, args.set)
+    name = DEMO_NAMES.get(recipe.drafter.kind, f"{recipe.drafter.kind} drafter")
     if recipe.verifier.name != args.verifier:
         args.verifier = recipe.verifier.name
     final = os.path.join(recipe.training.output_dir, "drafter")
     if args.retrain or not os.path.isfile(os.path.join(final, "model.safetensors")):
-        print(f"[specheads] step 1/2: self-distil data and train Medusa heads ({args.recipe})", flush=True)
+        print(f"[specheads] step 1/2: prepare data and train the {name} ({args.recipe})", flush=True)
         final = train(recipe, resume=not args.retrain)
     else:
         print(f"[specheads] step 1/2: using the trained drafter in {final} (--retrain to train again)", flush=True)
@@ -344,8 +356,9 @@ def cmd_demo(args) -> int:
     report = run_bench(args)
     for n in [n for n in report["methods"] if n.startswith("speculative")]:
         m = report["methods"][n]
+        detail = m.get("detail") or report["drafter_detail"]
         print(
-            f"\nMedusa heads ({report['drafter_detail']}) on {report['verifier']} ({report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
+            f"\n{name} ({detail}) on {report['verifier']} ({report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
             f"T={report['temperature']}): tau {m['tau']:.2f}, speedup {m['speedup']:.2f}x over plain decoding, "
             f"identical to the verifier: {m['identical_to_verifier']}\ndrafter checkpoint: {final}\nreport: {args.output}/report.json"
         )
@@ -479,11 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="self-distilled dataset folder (e.g. runs/data/smollm2-full)")
     p.set_defaults(func=cmd_draft_vocab)
 
-    p = sub.add_parser("demo", help="the embedded-default job: train Medusa heads for SmolLM2-135M, benchmark them, print the speedup",
-                       description="Self-distil data from the embedded SmolLM2-135M verifier, train Medusa-1 heads with the quick "
-                       "recipe, then benchmark them against plain decoding and Hugging Face generate on the shipped prompts.")
+    p = sub.add_parser("demo", help="the embedded-default job: train an EAGLE-3 drafter for SmolLM2-135M, benchmark it, print the speedup",
+                       description="Train a drafter for the embedded SmolLM2-135M verifier with a quick recipe (EAGLE-3 on teacher-forced "
+                       "ShareGPT replies by default; --kind medusa: Medusa-1 heads on self-distilled answers), then benchmark it "
+                       "against plain decoding and Hugging Face generate on the shipped prompts.")
     _add_bench_args(p, output="outputs/demo")
-    p.add_argument("--recipe", default="recipes/smollm2_medusa1_quick.yaml", help="training recipe (default: %(default)s)")
+    p.add_argument("--kind", default="eagle3", choices=sorted(DEMO_RECIPES), help="drafter kind to train (default: %(default)s)")
+    p.add_argument("--recipe", default=None, help="training recipe (default: the kind's quick recipe: "
+                   + ", ".join(f"{k}: {v}" for k, v in DEMO_RECIPES.items()) + ")")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     p.add_argument("--retrain", action="store_true", help="train from scratch even if the recipe's drafter exists")
     p.set_defaults(num_prompts=5)

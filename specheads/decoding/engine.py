@@ -166,7 +166,7 @@ class SpeculativeDecoder:
             output_hidden_states=wants_hidden,
         )
         first = self._sample_one(out.logits[0, -1], sampling, generator)
-        hidden = tuple(h[0] for h in out.hidden_states) if wants_hidden else None
+        hidden = tuple(h[0] for h in self._declared(out.hidden_states)) if wants_hidden else None
         tokens = prompt_ids + [first]
         new = [first]
         stats.prefill_s = time.perf_counter() - start
@@ -234,7 +234,7 @@ class SpeculativeDecoder:
         # Roll back: keep the pending token and the accepted drafts.
         truncate_cache(cache, len(tokens) + n_acc)
         emitted = cands.tokens[:n_acc].tolist() + [nxt]
-        hidden = tuple(h[0, : n_acc + 1] for h in out.hidden_states) if wants_hidden else None
+        hidden = tuple(h[0, : n_acc + 1] for h in self._declared(out.hidden_states)) if wants_hidden else None
         return emitted, n_acc, len(cands), hidden
 
     def _tree_step(self, cands: Candidates, tokens: list[int], cache, cache_kw, sampling, generator, device, wants_hidden):
@@ -270,11 +270,17 @@ class SpeculativeDecoder:
         hidden = None
         if wants_hidden:
             idx = torch.tensor(rows, device=out.hidden_states[0].device)
-            hidden = tuple(h[0].index_select(0, idx) for h in out.hidden_states)
+            hidden = tuple(h[0].index_select(0, idx) for h in self._declared(out.hidden_states))
         emitted = cands.tokens[path].tolist() + [nxt] if path else [nxt]
         return emitted, len(path), tree_max_depth(parents), hidden
 
     # -- helpers ------------------------------------------------------------------------------
+    def _declared(self, hidden_states: tuple) -> tuple:
+        """The verifier layers the drafter declares (``hidden_layers``, indices into transformers'
+        ``hidden_states``), or all of them for a drafter that declares none."""
+        layers = getattr(self.drafter, "hidden_layers", None)
+        return hidden_states if layers is None else tuple(hidden_states[i] for i in layers)
+
     @staticmethod
     def _sample_one(logits: torch.Tensor, sampling: SamplingParams, generator) -> int:
         if sampling.greedy:

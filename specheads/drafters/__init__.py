@@ -85,6 +85,9 @@ def _check_draft_model_folder(path: str) -> None:
 from .medusa import load_medusa_drafter  # noqa: E402  (needs register_checkpoint_kind defined)
 
 register_checkpoint_kind("medusa")(load_medusa_drafter)
+from .eagle3 import load_eagle3_drafter  # noqa: E402
+
+register_checkpoint_kind("eagle3")(load_eagle3_drafter)
 
 
 @register_checkpoint_kind("draft_model")

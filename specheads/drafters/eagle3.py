@@ -333,6 +333,7 @@ class Eagle3Drafter:
             raise SpecHeadsError(f"top_k={top_k} must be >= 1")
         self.tree = tree
         self.top_k = top_k
+        self.proposes_trees = tree != "chain"  # the engine checks trees against the verifier at setup
         self.start([])
 
     @property

@@ -235,6 +235,7 @@ class MedusaDrafter:
 
     name = KIND
     needs_hidden_states = True
+    hidden_layers = (-1,)  # the verifier's last hidden state only
 
     def __init__(self, heads: MedusaHeads, verifier, tree: str | list = "chain"):
         self.heads = heads.eval().to(verifier.device, verifier.dtype)

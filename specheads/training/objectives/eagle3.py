@@ -109,9 +109,10 @@ class Eagle3Objective:
             self._head_rows = head[self.draft_ids.to(head.device)].to(device, dtype)
         return self._head_rows
 
-    def _steps(self, module, batch, steps: int):
-        """Per draft step i: (student logits [N, Vd], teacher last hidden [N, H], verifier argmax [N])
-        at the valid positions (the predicted token is an answer token inside the sequence)."""
+    def _steps(self, module, batch, steps: int, teacher: bool = True):
+        """Per draft step i: (student logits [N, Vd], teacher log-probabilities over the draft
+        vocabulary [N, Vd] or None, verifier argmax [N], valid [B, T - 2 - i]) at the valid
+        positions (the predicted token is an answer token inside the sequence)."""
         model = _unwrap(module)
         aux, last, argmax = self._verifier_features(batch)
         dtype = model.fc.weight.dtype
@@ -119,6 +120,10 @@ class Eagle3Objective:
         outs = model.ttt_forward(aux.to(dtype), ids, self.verifier.model.get_input_embeddings(), steps)
         T = ids.shape[1]
         answer = batch["answer_mask"].bool()
+        targets = None
+        if teacher:  # every step reads the same distributions, shifted: compute them once
+            with torch.no_grad():
+                targets = torch.log_softmax((last @ self._teacher_rows(last.device, last.dtype).T).float(), -1)
         rows = []
         for i, out in enumerate(outs):
             # index t predicts the token at t + 2 + i from the verifier's distribution at t + 1 + i
@@ -128,7 +133,8 @@ class Eagle3Objective:
                 continue
             valid = answer[:, 2 + i :]
             student = model.logits(out[:, :n][valid])
-            rows.append((student, last[:, 1 + i : 1 + i + n][valid], argmax[:, 1 + i : 1 + i + n][valid], valid))
+            target = None if targets is None else targets[:, 1 + i : 1 + i + n][valid]
+            rows.append((student, target, argmax[:, 1 + i : 1 + i + n][valid], valid))
         return rows
 
     # -- the loss ---------------------------------------------------------------------------
@@ -139,12 +145,10 @@ class Eagle3Objective:
         for i, row in enumerate(self._steps(module, batch, self.steps)):
             if row is None:
                 continue
-            student, teacher_hidden, argmax, _ = row
+            student, target, argmax, _ = row
             in_vocab = self.to_draft.to(argmax.device)[argmax] >= 0
-            with torch.no_grad():
-                teacher = torch.softmax((teacher_hidden[in_vocab] @ self._teacher_rows(student.device, teacher_hidden.dtype).T).float(), -1)
             logq = torch.log_softmax(student[in_vocab].float(), -1)
-            step_sum = -(teacher * logq).sum()
+            step_sum = -(target[in_vocab].exp() * logq).sum()
             step_loss = step_sum / normalize(in_vocab.sum().float()).clamp_min(1.0)
             total = self.weights[i] * step_loss if total is None else total + self.weights[i] * step_loss
             metrics[f"loss/step{i}"] = float(step_loss.detach())
@@ -160,7 +164,7 @@ class Eagle3Objective:
         argmaxes count as misses), the same given every earlier step had it in its top RANKS (what
         a tree could reach), and the run of consecutive top-1 hits from step 0 (a chain's tau)."""
         steps = max(self.steps, EVAL_STEPS)
-        rows = self._steps(module, batch, steps)
+        rows = self._steps(module, batch, steps, teacher=False)
         B, T = batch["input_ids"].shape
         valid_at = torch.zeros(steps, dtype=torch.long)
         rank_hits = torch.zeros(steps, RANKS, dtype=torch.long)
