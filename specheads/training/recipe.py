@@ -129,6 +129,9 @@ class LoraSection:  # Medusa-2: the verifier tuned jointly with the heads
 
 @dataclass
 class TrainingSection:
+    # Steps (max_steps, warmup_steps, eval/save/log_every, lora.heads_warmup_steps) are optimizer
+    # steps: each takes gradient_accumulation_steps micro-batches of batch_size examples (global,
+    # over all processes), so an update sees batch_size * gradient_accumulation_steps examples.
     output_dir: str = "runs/medusa"
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -136,7 +139,7 @@ class TrainingSection:
     weight_decay: float = 0.0
     warmup_steps: int = 20
     max_steps: int = 300
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
     eval_every: int = 100
     save_every: int = 100
     log_every: int = 10
@@ -175,6 +178,8 @@ class Recipe:
             ("training.batch_size", t.batch_size, t.batch_size >= 1),
             ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps >= 1),
             ("training.lr", t.lr, t.lr > 0),
+            ("training.weight_decay", t.weight_decay, t.weight_decay >= 0),
+            ("training.max_grad_norm", t.max_grad_norm, t.max_grad_norm is None or t.max_grad_norm >= 0),
             ("training.max_steps", t.max_steps, t.max_steps >= 1),
             ("training.warmup_steps", t.warmup_steps, 0 <= t.warmup_steps),
             ("training.eval_every", t.eval_every, t.eval_every >= 1),
@@ -208,6 +213,7 @@ class Recipe:
                 ("training.lora.r", t.lora.r, t.lora.r >= 1),
                 ("training.lora.heads_warmup_steps", t.lora.heads_warmup_steps, t.lora.heads_warmup_steps >= 0),
                 ("training.lora.lm_loss_weight", t.lora.lm_loss_weight, t.lora.lm_loss_weight >= 0),
+                ("training.lora.lr", t.lora.lr, t.lora.lr > 0),
             ]
         if distill:
             checks += _student_checks(dr.student)
