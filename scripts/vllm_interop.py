@@ -41,6 +41,14 @@ The drafters (none trained on a fresh machine, all deterministic):
   layout loads and decodes identically.
 - ``draft-model``: a draft model cut from the verifier (``--draft-layers``, default every:6),
   untrained; ``--draft-model DIR`` uses a trained one instead.
+- ``eagle3-fit``: an EAGLE-3 drafter with vLLM's default aux layers (2, 15, 27 for SmolLM2's 30),
+  a draft vocabulary of the tokens in these prompts and answers (so ``d2t`` maps draft ids to the
+  verifier's), fitted for ``--eagle3-steps`` AdamW steps (default 40) with specheads' own
+  ``Eagle3Objective.loss`` to the verifier's greedy answers; ``--eagle3 DIR`` uses a trained
+  checkpoint instead, ``--eagle3-steps 0`` leaves it out. It checks the aux-layer index
+  convention (vLLM captures the residual stream entering layer k, transformers'
+  ``hidden_states[k]``), the [embedding, feature] order, positions, the pre-norm output fed to
+  the next draft step and the d2t direction: any of them wrong and acceptance differs.
 
 The workdir (default ``runs/vllm_interop``) keeps the drafters, the exports and ``specheads.json``.
 The engine spawns processes: this file runs only under ``if __name__ == "__main__"``.
@@ -138,11 +146,48 @@ def seeded_blocks(heads):
     return heads
 
 
+def fitted_eagle3(verifier, sequences: list[tuple[list[int], list[int]]], steps: int, ttt_steps: int = 2, num_layers: int = 1):
+    """An EAGLE-3 drafter (vLLM's default aux layers 2, N/2, N-3, a draft vocabulary of the tokens
+    in these prompts and answers, so d2t is exercised) fitted for ``steps`` AdamW steps with
+    specheads' own objective (``Eagle3Objective.loss``, training-time test over ``ttt_steps``) to
+    the verifier's greedy answers to these prompts. The verifier's features are computed once.
+    About 1.5 s a step on 2 CPU threads (4 x 100 tokens), so the fit is short and rough: enough for
+    acceptance well above a random drafter's at every draft position, not a trained drafter."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from specheads.training.objectives.eagle3 import Eagle3Objective
+
+    torch.manual_seed(SEED)
+    token_map = torch.tensor(sorted({t for prompt, output in sequences for t in prompt + output}))
+    objective = Eagle3Objective(verifier, SimpleNamespace(aux_layer_ids=None, num_layers=num_layers),
+                                SimpleNamespace(ttt_steps=ttt_steps, ttt_decay=0.8), token_map)
+    T = max(len(p) + len(o) for p, o in sequences)
+    batch = {name: torch.zeros(len(sequences), T, dtype=torch.long) for name in ("input_ids", "attention_mask", "answer_mask")}
+    for b, (prompt, output) in enumerate(sequences):
+        seq = prompt + output
+        batch["input_ids"][b, : len(seq)] = torch.tensor(seq)
+        batch["attention_mask"][b, : len(seq)] = 1
+        batch["answer_mask"][b, len(prompt) : len(seq)] = 1
+    features = objective._verifier_features(batch)
+    objective._verifier_features = lambda _batch: features  # the verifier is frozen: one forward is enough
+    model = objective.module.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(steps):
+        loss, metrics = objective.loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), metrics
+
+
 def specheads_side(args) -> int:
     import torch
 
     from specheads import SamplingParams, SpeculativeDecoder, build_drafter, load_verifier
     from specheads.checkpoint import atomic_directory
+    from specheads.drafters.eagle3 import save_eagle3
     from specheads.drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
     from specheads.export import export_vllm
     from specheads.prompts import load_prompts
@@ -195,6 +240,15 @@ def specheads_side(args) -> int:
             verifier.tokenizer.save_pretrained(tmp)
 
         sources["draft-model"] = atomic_directory(work / "drafters" / f"student-{args.draft_layers.replace(':', '')}", write_student)
+
+    if args.eagle3:
+        sources["eagle3"] = Path(args.eagle3)
+    elif args.eagle3_steps > 0:
+        t = time.perf_counter()
+        model, metrics = fitted_eagle3(verifier, list(zip(ids, plain)), args.eagle3_steps)
+        sources["eagle3-fit"] = save_eagle3(work / "drafters" / "eagle3-fit", model, verifier)
+        losses = ", ".join(f"{v:.2f}" for key, v in sorted(metrics.items()) if key.startswith("loss/step"))
+        print(f"[specheads] eagle3-fit: {args.eagle3_steps} steps in {time.perf_counter() - t:.0f}s (final loss per step {losses})", flush=True)
 
     drafters = {}
     for name, source in sources.items():
@@ -294,6 +348,8 @@ def vllm_side(args) -> int:
                "--max-new-tokens", str(args.max_new_tokens), "-k", str(args.k), "--draft-layers", args.draft_layers, "--threads", str(args.threads)]
         cmd += ["--medusa", args.medusa] if args.medusa else []
         cmd += ["--draft-model", args.draft_model] if args.draft_model else []
+        cmd += ["--eagle3", args.eagle3] if args.eagle3 else []
+        cmd += ["--eagle3-steps", str(args.eagle3_steps)]
         if subprocess.run(cmd, cwd=REPO).returncode != 0:
             print("FAIL: the specheads side failed (see above)", file=sys.stderr)
             return 1
@@ -377,6 +433,8 @@ def main(argv=None) -> int:
     p.add_argument("-k", type=int, default=3, help="num_speculative_tokens, and the Medusa heads built (default: %(default)s)")
     p.add_argument("--medusa", default=None, help="a trained specheads Medusa checkpoint to use instead of the fitted heads")
     p.add_argument("--draft-model", default=None, help="a trained draft model directory to use instead of the cut student")
+    p.add_argument("--eagle3", default=None, help="a trained specheads EAGLE-3 checkpoint to use instead of the fitted one")
+    p.add_argument("--eagle3-steps", type=int, default=40, help="AdamW steps fitting the EAGLE-3 drafter; 0 leaves it out (default: %(default)s)")
     p.add_argument("--draft-layers", default="every:6", help="layers of the verifier the student keeps (default: %(default)s)")
     p.add_argument("--tolerance", type=float, default=0.02, help="largest |vLLM - specheads| acceptance rate per position (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads on the specheads side (default: %(default)s)")

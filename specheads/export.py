@@ -1,8 +1,8 @@
 """Export a drafter to the folder a serving engine loads: vLLM 0.32 (``--format vllm``).
 
 ``export_vllm(drafter_dir, out_dir)`` reads the drafter folder, picks the exporter for its kind
-from ``VLLM_EXPORTERS`` (``medusa``; ``draft_model`` for a plain model directory; EAGLE registers
-here later) and writes, atomically, a folder that ``speculative_config={"method": ..., "model":
+from ``VLLM_EXPORTERS`` (``medusa``; ``eagle3``; ``draft_model`` for a plain model directory) and
+writes, atomically, a folder that ``speculative_config={"method": ..., "model":
 out_dir}`` loads. What vLLM cannot express is refused with a SpecHeadsError naming it: an export
 is exact or it does not happen.
 
@@ -246,3 +246,82 @@ def _export_draft_model(source: Path, config: dict, out: Path, ref: _VerifierRef
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
     return "draft_model", None, {}
+
+
+# -- EAGLE-3 ------------------------------------------------------------------------------------
+# What vLLM 0.32's EAGLE-3 code (models/llama_eagle3.py, models/interfaces.py, v1/spec_decode/
+# llm_base_proposer.py, v1/worker/gpu_model_runner.py) implies for the folder:
+# - aux id k is captured as the target's residual stream after k layers (``hidden + residual``,
+#   ids 0..N); transformers' ``hidden_states[k]`` is the same tensor for k < N, but
+#   ``hidden_states[N]`` has the final norm applied and vLLM's id N does not: an id N is refused;
+# - the captured states are concatenated in layer order, whatever order the config lists, and a
+#   repeated id is captured once: fc's input blocks are put in ascending id order, repeats refused;
+# - ``num_hidden_layers`` layers are built; layer 0 reads [input_layernorm(embedding),
+#   hidden_norm(feature)] (``midlayer.*`` is renamed to ``layers.0.*``), later ones are plain
+#   Llama layers (``layers.{i}.*``) that also own a ``hidden_norm`` they never use;
+# - ``draft_id_to_target_id`` (from ``d2t``) exists only when draft_vocab_size < the target's
+#   vocabulary (a ``d2t`` of a full vocabulary fails the load), ``t2d`` is skipped;
+# - the draft's token embedding is the target's when the folder has none (``embed_tokens``
+#   never written); ``lm_head.weight`` [draft_vocab, H] is the drafter's own;
+# - its ``load_weights`` returns nothing, so vLLM's strict "weights not initialised" check does
+#   not run: a tensor missing from the folder would silently stay uninitialised. Every parameter
+#   vLLM builds is therefore written.
+EAGLE3_VLLM_FLAGS = {"norm_before_residual": False, "norm_before_fc": False, "fc_norm": False, "norm_output": False}
+
+
+@register_vllm_exporter("eagle3")
+def _export_eagle3(source: Path, config: dict, out: Path, ref: _VerifierRef) -> tuple[str, None, dict]:
+    from .drafters.eagle3 import KIND, Eagle3Config, load_eagle3_model, vllm_config
+
+    hp = config["specheads"].get("hyper_parameters") or {}
+    unknown = sorted(set(hp) - {f.name for f in fields(Eagle3Config)} - {"training"})
+    if unknown:
+        raise SpecHeadsError(f"EAGLE-3 checkpoint {source} has options {unknown} this exporter does not know, so it cannot say how vLLM would express them")
+    verifier = ref.get("checking the EAGLE-3 drafter against its verifier") if ref.given else None
+    model = load_eagle3_model(source, verifier)  # checks the kind, the verifier and every tensor's shape
+    cfg = model.config
+    ids = list(cfg.aux_layer_ids)
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise SpecHeadsError(
+            f"EAGLE-3 checkpoint {source} reads verifier layers {ids} with {repeated} repeated: vLLM 0.32 captures each "
+            "aux layer once, so its fc would get fewer features than it was trained on")
+    last = [i for i in ids if i == cfg.num_verifier_layers]
+    if last:
+        raise SpecHeadsError(
+            f"EAGLE-3 checkpoint {source} reads aux layer id {last[0]} (= the verifier's {cfg.num_verifier_layers} layers): specheads "
+            "takes that feature from transformers' last hidden state, which is after the final norm, while vLLM 0.32 captures "
+            "the residual stream before it. Train with aux_layer_ids below the verifier's depth to export")
+    H = cfg.hidden_size
+    order = sorted(range(len(ids)), key=lambda j: ids[j])  # vLLM concatenates in layer order
+    fc = model.fc.weight.detach()
+    tensors = {"fc.weight": torch.cat([fc[:, j * H:(j + 1) * H] for j in order], 1)}
+    for name, p in model.midlayer.state_dict().items():
+        tensors[f"midlayer.{name}"] = p
+    for i, layer in enumerate(model.layers, start=1):  # vLLM's layers.1.. are our model.layers.0..
+        for name, p in layer.state_dict().items():
+            tensors[f"layers.{i}.{name}"] = p
+        tensors[f"layers.{i}.hidden_norm.weight"] = torch.ones(H, dtype=model.norm.weight.dtype)  # built by vLLM, never read
+    tensors["norm.weight"] = model.norm.weight
+    head = model.lm_head.weight.detach()
+    if cfg.draft_vocab_size < cfg.vocab_size:
+        tensors["lm_head.weight"] = head
+        tensors["d2t"] = model.d2t
+        tensors["t2d"] = model.t2d  # skipped by vLLM; kept as the public EAGLE-3 checkpoints carry it
+    else:  # no mapping at full size: put each row at its verifier id (d2t is all zeros unless permuted)
+        placed = torch.empty_like(head)
+        placed[model.draft_to_target()] = head
+        tensors["lm_head.weight"] = placed
+
+    out_config = vllm_config(cfg)
+    out_config.update(EAGLE3_VLLM_FLAGS)
+    out_config["eagle_config"] = {**out_config.get("eagle_config", {}), "eagle_aux_hidden_state_layer_ids": [ids[j] for j in order],
+                                  "use_aux_hidden_state": True}
+    out_config["architectures"] = ["LlamaForCausalLMEagle3"]
+    out_config["num_hidden_layers"] = cfg.num_layers
+    out_config["draft_vocab_size"] = cfg.draft_vocab_size
+    out_config["target_hidden_size"] = H
+    out_config.pop("specheads", None)
+    save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / CONFIG).write_text(json.dumps(out_config, indent=2))
+    return KIND, None, {}

@@ -8,6 +8,7 @@ with ``original_lm_head`` as ``lm_heads.0.weight``, and builds own heads over th
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -306,4 +307,177 @@ def test_cli_export_error_is_one_line(tmp_path, capsys):
 
 
 def test_every_exporter_kind_is_registered():
-    assert {"medusa", "draft_model"} <= set(VLLM_EXPORTERS)
+    assert {"medusa", "draft_model", "eagle3"} <= set(VLLM_EXPORTERS)
+
+
+# -- EAGLE-3 ------------------------------------------------------------------------------------
+# vLLM 0.32's llama_eagle3 computes, from the folder alone (its aux states are the target's
+# residual stream after k layers, concatenated in layer order; transformers' hidden_states[k]
+# for k < N): the reference below re-implements that forward in plain torch, so the round trip
+# checks names, fc block order, layer renaming and d2t against specheads' own forward.
+@functools.lru_cache(maxsize=None)
+def deep_llama():
+    """A 4-layer tiny Llama: aux ids 1..3 are all exportable (id N = 4 is not)."""
+    from specheads.verifier import Verifier
+
+    return Verifier(model=make_model("llama", seed=5, layers=4), tokenizer=None, name="tiny-llama-4layers")
+
+
+def eagle3_model(verifier, *, aux, draft_vocab=None, num_layers=1, seed=0, d2t=None):
+    from specheads.drafters.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_d2t
+
+    torch.manual_seed(seed)
+    size = draft_vocab or verifier.vocab_size
+    if d2t is None:
+        d2t = draft_vocab_d2t(torch.randperm(verifier.vocab_size)[:size])
+    model = Eagle3Model(Eagle3Config.from_verifier(verifier, size, aux, num_layers=num_layers), d2t=d2t)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # not ones, so that swapped norms show
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def vllm_eagle3_forward(config, tensors, embed, hidden_states, input_ids):
+    """vLLM's Eagle3LlamaForCausalLM over one sequence: row t reads the target's features at t
+    and the token input_ids[t]; returns (target-vocabulary logits [T, V], pre-norm output [T, H])."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    eps, H = config["rms_norm_eps"], config["hidden_size"]
+    layer_ids = config["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
+    captured = [hidden_states[k] for k in range(len(hidden_states)) if k in layer_ids]  # layer order
+    h = torch.cat(captured, -1) @ tensors["fc.weight"].T
+    T = h.shape[0]
+    embeds = embed(input_ids)
+    llama = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "eagle_config")})
+    cos, sin = LlamaRotaryEmbedding(llama)(h[None], torch.arange(T)[None])
+    heads, kv, d = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    residual = None
+    for li in range(config["num_hidden_layers"]):
+        w = lambda n: tensors[("midlayer." if li == 0 else f"layers.{li}.") + n]  # noqa: E731 (vLLM renames midlayer -> layers.0)
+        if li == 0:
+            residual = h
+            x = torch.cat([_rms(embeds, w("input_layernorm.weight"), eps), _rms(h, w("hidden_norm.weight"), eps)], -1)
+        else:
+            residual = h + residual
+            x = _rms(residual, w("input_layernorm.weight"), eps)
+        q = (x @ w("self_attn.q_proj.weight").T).view(1, T, heads, d).transpose(1, 2)
+        k = (x @ w("self_attn.k_proj.weight").T).view(1, T, kv, d).transpose(1, 2)
+        v = (x @ w("self_attn.v_proj.weight").T).view(1, T, kv, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1)
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = att.transpose(1, 2).reshape(T, heads * d) @ w("self_attn.o_proj.weight").T
+        residual = h + residual
+        x = _rms(residual, w("post_attention_layernorm.weight"), eps)
+        h = (torch.nn.functional.silu(x @ w("mlp.gate_proj.weight").T) * (x @ w("mlp.up_proj.weight").T)) @ w("mlp.down_proj.weight").T
+    prenorm = h + residual
+    logits = _rms(prenorm, tensors["norm.weight"], eps) @ tensors["lm_head.weight"].T
+    if "d2t" in tensors:
+        full = logits.new_full((T, config["vocab_size"]), float("-inf"))
+        full[:, torch.arange(config["draft_vocab_size"]) + tensors["d2t"]] = logits
+        logits = full
+    return logits, prenorm
+
+
+def specheads_eagle3_forward(model, verifier, input_ids, hidden_states):
+    """specheads' drafter over the same rows (its aux order, its names)."""
+    from specheads.drafters.eagle3 import Eagle3Drafter
+
+    aux = torch.cat([hidden_states[i] for i in model.config.aux_layer_ids], -1)
+    drafter = Eagle3Drafter(model, verifier, tree="chain")
+    prenorm = drafter._run(model.fuse(aux), input_ids.tolist(), list(range(len(input_ids))), None)
+    return drafter._to_target(model.logits(prenorm)), prenorm
+
+
+@pytest.mark.parametrize("aux, draft_vocab, num_layers", [
+    ([3, 1, 2], 40, 1),  # ids out of order, a truncated draft vocabulary (d2t)
+    ([1, 2, 3], None, 2),  # full vocabulary (no d2t), a second layer
+    ([2, 1], 50, 3),  # two aux layers, three layers
+])
+def test_eagle3_round_trip(tmp_path, aux, draft_vocab, num_layers):
+    from specheads.drafters.eagle3 import save_eagle3
+
+    verifier = deep_llama()
+    model = eagle3_model(verifier, aux=aux, draft_vocab=draft_vocab, num_layers=num_layers)
+    save_eagle3(tmp_path / "ckpt", model, verifier)
+    export = export_vllm(tmp_path / "ckpt", tmp_path / "vllm", verifier=verifier)
+    assert (export.method, export.max_speculative_tokens, export.engine_args) == ("eagle3", None, {})
+    assert export.speculative_config(4) == {"method": "eagle3", "model": str(tmp_path / "vllm"), "num_speculative_tokens": 4}
+    config, tensors = exported(tmp_path / "vllm")
+    V, Vd = verifier.vocab_size, draft_vocab or verifier.vocab_size
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and "specheads" not in config
+    assert (config["num_hidden_layers"], config["vocab_size"], config["draft_vocab_size"], config["target_hidden_size"]) == (num_layers, V, Vd, H)
+    assert config["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": sorted(aux), "use_aux_hidden_state": True}
+    assert not any(config[k] for k in ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output"))
+    layer = {"input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "hidden_norm"}
+    expected = {"fc.weight", "norm.weight", "lm_head.weight"} | {f"midlayer.{n}.weight" for n in layer}
+    expected |= {f"layers.{i}.{n}.weight" for i in range(1, num_layers) for n in layer}
+    if draft_vocab:
+        expected |= {"d2t", "t2d"}
+    assert set(tensors) == expected  # never the verifier's embedding: vLLM shares the target's
+    assert tensors["fc.weight"].shape == (H, len(aux) * H) and tensors["lm_head.weight"].shape == (Vd, H)
+    if draft_vocab:
+        assert tensors["d2t"].dtype == torch.int64
+    # the numbers vLLM computes from the folder == specheads' drafter
+    ids = torch.tensor([5, 9, 13, 7, 30, 22, 11, 40, 3])
+    with torch.no_grad():
+        hs = [h[0] for h in verifier.model(input_ids=ids[None], output_hidden_states=True).hidden_states]
+        ours_logits, ours_pre = specheads_eagle3_forward(model, verifier, ids, hs)
+        theirs_logits, theirs_pre = vllm_eagle3_forward(config, tensors, verifier.model.get_input_embeddings(), hs, ids)
+    torch.testing.assert_close(theirs_pre, ours_pre, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs_logits, ours_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(theirs_logits.argmax(-1), ours_logits.argmax(-1))
+
+
+def test_eagle3_permuted_full_vocabulary_is_put_in_verifier_order(tmp_path):
+    from specheads.drafters.eagle3 import save_eagle3
+
+    verifier = deep_llama()
+    V = verifier.vocab_size
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(1))
+    model = eagle3_model(verifier, aux=[1, 2, 3], d2t=perm - torch.arange(V))  # draft id i -> verifier id perm[i]
+    save_eagle3(tmp_path / "ckpt", model, verifier)
+    export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    config, tensors = exported(tmp_path / "vllm")
+    assert "d2t" not in tensors and "t2d" not in tensors  # vLLM 0.32 fails to load a d2t at full size
+    torch.testing.assert_close(tensors["lm_head.weight"][perm], model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_eagle3_cli_export(tmp_path, capsys):
+    from specheads.drafters.eagle3 import save_eagle3
+
+    save_eagle3(tmp_path / "ckpt", eagle3_model(deep_llama(), aux=[1, 2, 3], draft_vocab=30), deep_llama())
+    assert cli_main(["export", "--format", "vllm", str(tmp_path / "ckpt"), str(tmp_path / "vllm")]) == 0
+    assert '"method": "eagle3"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("aux, named", [
+    ([1, 2, 4], "aux layer id 4"),  # transformers' last hidden state is after the final norm; vLLM's id N is not
+    ([2, 2, 3], r"\[2\] repeated"),  # vLLM captures a layer once
+])
+def test_eagle3_aux_layers_vllm_cannot_capture_are_refused(tmp_path, aux, named):
+    from specheads.drafters.eagle3 import save_eagle3
+
+    save_eagle3(tmp_path / "ckpt", eagle3_model(deep_llama(), aux=aux, draft_vocab=30), deep_llama())
+    with pytest.raises(SpecHeadsError, match=named):
+        export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
+
+
+def test_eagle3_unknown_option_and_other_verifier_are_refused(tmp_path):
+    from specheads.drafters.eagle3 import save_eagle3
+
+    save_eagle3(tmp_path / "ckpt", eagle3_model(deep_llama(), aux=[1, 2, 3], draft_vocab=30), deep_llama())
+    with pytest.raises(SpecHeadsError, match="trained for"):
+        export_vllm(tmp_path / "ckpt", tmp_path / "vllm", verifier=cached_verifier("llama", 0))
+    edit_config(tmp_path / "ckpt", hyper_parameters={"norm_before_fc": True})
+    with pytest.raises(SpecHeadsError, match="norm_before_fc"):
+        export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
