@@ -1,9 +1,9 @@
 """SIGKILL a real `specheads train` run at random points, resume it each time, and get the weights
 of the uninterrupted run: on one process and on two gloo (DDP) processes under accelerate launch.
 
-The first kill of each chain lands while a checkpoint is being written (at a random save step):
-the previous checkpoint must stay loadable. The others land at a random time into what is left of
-the training. ``SPECHEADS_KILL_POINTS`` sets the number of kills per chain (default 1: each case
+The first kill of each chain lands while a checkpoint is being written (at a random save step in
+the first half): the previous checkpoint must stay loadable. The others are spread over the rest of
+the run, one at a random point of each of equal slices of it, each resuming the last. ``SPECHEADS_KILL_POINTS`` sets the number of kills per chain (default 1: each case
 then stays under ~60 s of CPU); ``SPECHEADS_KILL_SEED`` fixes the random points.
 """
 
@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 KILL_POINTS = int(os.environ.get("SPECHEADS_KILL_POINTS", "1"))
-MAX_STEPS, SAVE_EVERY = 16, 2
+MAX_STEPS, SAVE_EVERY = max(16, 2 * KILL_POINTS + 8), 2
 RUN_TIMEOUT = 600  # seconds per run: generous, for a loaded CI machine
 
 
@@ -179,6 +179,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(jo
 
     out = tmp_path / "killed"
     kills = attempts = 0
+    spread_from = None  # the step the spread-out kills start from
     while kills < KILL_POINTS:
         attempts += 1
         assert attempts <= 3 * KILL_POINTS, "\n".join(log)
@@ -187,7 +188,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(jo
         if kills == 0:
             # Into a checkpoint write: a random save step after the first, killed as soon as its
             # temporary folder appears or up to 30 ms later.
-            target = rng.randrange(2 * SAVE_EVERY, MAX_STEPS, SAVE_EVERY)
+            target = rng.randrange(2 * SAVE_EVERY, MAX_STEPS // 2 + 1, SAVE_EVERY)
             writing = f".step-{target}.tmp"
             if not run.wait_until(lambda: writing in checkpoints(out)):
                 log.append(f"attempt {attempts}: finished before step {target} was saved")
@@ -197,8 +198,11 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(jo
             if not run.wait_until(lambda: "training:" in run.output()):
                 log.append(f"attempt {attempts}: finished before training started")
                 continue
-            left = train_seconds * (MAX_STEPS - resumed_at) / MAX_STEPS
-            time.sleep(rng.uniform(0, 0.8 * left))
+            if spread_from is None:
+                spread_from = resumed_at
+            width = (MAX_STEPS - spread_from) / (KILL_POINTS - 1)
+            at = spread_from + (kills - 1 + rng.uniform(0.05, 0.9)) * width  # a point in this kill's slice of the run
+            time.sleep(max(train_seconds * (at - resumed_at) / MAX_STEPS, rng.uniform(0, 0.05 * train_seconds)))
         if run.proc.poll() is not None:
             log.append(f"attempt {attempts}: finished before the kill")
             continue
