@@ -17,7 +17,11 @@ joint fails with probability >= 0.99.
 (c) End to end through the engine with a tiny random Llama (vocabulary 4) and a different random
 model as draft model, one test per drafter kind, with temperature, top-k and top-p: the joint of
 the generated tokens must be the verifier's own (warped) p(x1) p(x2 | x1) p(x3 | x1, x2), and the
-same test must reject the engine's output when its rule is swapped for a wrong one.
+same test must reject the engine's output when its rule is swapped for a wrong one. EAGLE-3
+runs there too, with a randomly initialised ``Eagle3Model`` (q far from one-hot and far from p):
+as a chain at T = 0.7 with top-p over a draft vocabulary that lacks a token (q handed to the rule
+with the drafts), and as a dynamic tree (tree=4, top_k=2) at T = 1 whose children are chosen,
+not sampled (draft_probs None, the tree rule's deterministic branch).
 
 Every random draw is seeded, so each p-value is a fixed number and the tests are deterministic.
 """
@@ -36,10 +40,11 @@ import torch
 import specheads.decoding.engine as engine
 from conftest import make_model, make_verifier
 from specheads.decoding import SpeculativeDecoder
-from specheads.decoding.candidates import Candidates
+from specheads.decoding.candidates import Candidates, DraftContext
 from specheads.decoding.sampling import SamplingParams
 from specheads.decoding.verify import speculative_sampling, tree_speculative_sampling
 from specheads.drafters import DraftModelDrafter, NgramDrafter
+from specheads.drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Model, draft_vocab_d2t
 
 # A correct sampler must pass (p > PASS) and a wrong one must be rejected (p < REJECT).
 PASS = 1e-3
@@ -520,7 +525,12 @@ E2E_SAMPLING = {
     "draft_model": SamplingParams(temperature=0.7, top_k=3),
     "draft_vocab": SamplingParams(temperature=1.0, top_p=0.8),
     "ngram": SamplingParams(temperature=1.3, top_p=0.9),
+    # EAGLE-3 as a chain over the draft vocabulary E2E_DRAFT_VOCAB: drafts sampled from the warped q
+    "eagle3_chain": SamplingParams(temperature=0.7, top_p=0.9),
+    # EAGLE-3 as a dynamic tree of 4 nodes, top-2 children per node: drafts chosen, draft_probs None
+    "eagle3_tree": SamplingParams(temperature=1.0),
 }
+E2E_DRAFT_VOCAB_KINDS = ("draft_vocab", "eagle3_chain")  # token 1 can only come from the verifier
 
 
 @functools.lru_cache(maxsize=None)
@@ -546,26 +556,72 @@ def exact_joint(model, prompt, steps: int = 3, sampling: SamplingParams | None =
     return joint.reshape((V,) * steps)
 
 
+@functools.lru_cache(maxsize=None)
+def e2e_eagle3_model(draft_vocab: tuple[int, ...] | None = None) -> Eagle3Model:
+    """A randomly initialised EAGLE-3 drafter for the e2e verifier (its one layer's output, as the
+    three aux features): its q is a smooth function of the verifier's features, far from one-hot
+    and from p (``test_e2e_eagle3_drafter_is_not_the_verifier``)."""
+    verifier, _ = e2e_models()
+    ids = torch.tensor(draft_vocab if draft_vocab is not None else range(E2E_VOCAB))
+    cfg = Eagle3Config.from_verifier(verifier, len(ids), [1, 1, 1])
+    torch.manual_seed(3)
+    model = Eagle3Model(cfg, d2t=draft_vocab_d2t(ids))
+    with torch.no_grad():  # logits of a few units, not nn.Linear's near-uniform start
+        model.lm_head.weight.mul_(4.0)
+    return model
+
+
 def e2e_drafter(kind: str):
-    _, draft = e2e_models()
+    verifier, draft = e2e_models()
     return {
         "draft_model": lambda: DraftModelDrafter(draft, E2E_VOCAB),
         # q is the draft model's distribution renormalised over 3 of the 4 tokens, then top-p
         "draft_vocab": lambda: DraftModelDrafter(draft, E2E_VOCAB, draft_vocab=E2E_DRAFT_VOCAB),
         "ngram": NgramDrafter,
+        # q: the EAGLE-3 head's logits over 3 of the 4 tokens (-inf on token 1), warped
+        "eagle3_chain": lambda: Eagle3Drafter(e2e_eagle3_model(tuple(E2E_DRAFT_VOCAB)), verifier, tree="chain"),
+        "eagle3_tree": lambda: Eagle3Drafter(e2e_eagle3_model(), verifier, tree=4, top_k=2),
     }[kind]()
 
 
+def tree_always_accept(target_probs, candidates, generator=None):
+    """Wrong (trees): keeps the first child at every node down to a leaf, then draws from p there."""
+    from specheads.decoding.tree import tree_children
+
+    children = tree_children(candidates.parents)
+    path, row = [], 0
+    while children[row]:
+        path.append(children[row][0])
+        row = path[-1] + 1
+    return path, int(torch.multinomial(target_probs[row], 1, generator=generator))
+
+
+def tree_resample_from_p_on_reject(target_probs, candidates, generator=None):
+    """Wrong (trees): the right walk, but the final token is drawn from the verifier's p at the
+    last accepted row, not from p with the rejected children's tokens zeroed (the residual)."""
+    path, _ = tree_speculative_sampling(target_probs, candidates, generator)
+    row = path[-1] + 1 if path else 0
+    return path, int(torch.multinomial(target_probs[row], 1, generator=generator))
+
+
+# name -> (wrong chain rule, wrong tree rule) swapped into the engine by e2e_samples
+E2E_WRONG = {
+    "always-accept": (always_accept, tree_always_accept),
+    "resample-from-p": (resample_from_p_on_reject, tree_resample_from_p_on_reject),
+}
+
+
 @functools.lru_cache(maxsize=None)
-def e2e_samples(kind: str, wrong: bool = False, runs: int = E2E_RUNS):
+def e2e_samples(kind: str, wrong: str | None = None, runs: int = E2E_RUNS):
     """Counts [V, V, V] of the first three generated tokens over ``runs`` seeds; with ``wrong``
-    the engine's speculative_sampling is swapped for ``always_accept`` for these runs."""
+    (a name in E2E_WRONG) the engine's speculative_sampling and tree_speculative_sampling are
+    swapped for that wrong rule's for these runs."""
     verifier, _ = e2e_models()
     decoder = SpeculativeDecoder(verifier, e2e_drafter(kind), num_draft_tokens=2)
     counts = torch.zeros((E2E_VOCAB,) * 3)
     drafted = accepted = 0
-    real = engine.speculative_sampling
-    engine.speculative_sampling = always_accept if wrong else real
+    real, real_tree = engine.speculative_sampling, engine.tree_speculative_sampling
+    engine.speculative_sampling, engine.tree_speculative_sampling = E2E_WRONG[wrong] if wrong else (real, real_tree)
     try:
         for seed in range(runs):
             out = decoder.generate(list(E2E_PROMPT), max_new_tokens=E2E_MAX_NEW, sampling=E2E_SAMPLING[kind], seed=seed, eos_token_ids=[])
@@ -574,7 +630,7 @@ def e2e_samples(kind: str, wrong: bool = False, runs: int = E2E_RUNS):
             drafted += sum(out.stats.drafted_at)
             accepted += sum(out.stats.accepted_at)
     finally:
-        engine.speculative_sampling = real
+        engine.speculative_sampling, engine.tree_speculative_sampling = real, real_tree
     return counts, drafted, accepted
 
 
@@ -593,10 +649,23 @@ def test_e2e_sampling_matches_verifier_distribution(kind):
     p = exact_joint(verifier.model, E2E_PROMPT, sampling=E2E_SAMPLING[kind])
     assert chisquare_pvalue(counts, p) > PASS, total_variation(counts, p)
     assert chisquare_pvalue(counts.sum(0), p.sum(0)) > PASS  # (x2, x3): the drafted positions
-    if kind == "draft_vocab":
+    if kind in E2E_DRAFT_VOCAB_KINDS:
         assert counts[:, :, 1].sum() > 0  # a token outside the draft vocabulary is still emitted at x3
     # Power: the engine with a wrong rule fails the same test.
-    wrong, _, _ = e2e_samples(kind, wrong=True, runs=E2E_RUNS_WRONG)
+    wrong, _, _ = e2e_samples(kind, wrong="always-accept", runs=E2E_RUNS_WRONG)
+    assert chisquare_pvalue(wrong, p) < REJECT, total_variation(wrong, p)
+
+
+@pytest.mark.parametrize("kind", ["eagle3_chain", "eagle3_tree"])
+def test_e2e_eagle3_rejects_a_subtler_wrong_rule(kind):
+    """Beyond always-accept: a rejection that draws from p instead of the residual (for the chain
+    p instead of max(0, p - q); for the tree p without the rejected children's tokens zeroed) must
+    fail the engine test too, on a fifth of its runs. (Handing the rule draft_probs=None for the
+    chain's sampled drafts is no such bug: the one-hot rule is lossless for a draft drawn
+    independently of the verifier, only less often accepted.)"""
+    verifier, _ = e2e_models()
+    p = exact_joint(verifier.model, E2E_PROMPT, sampling=E2E_SAMPLING[kind])
+    wrong, _, _ = e2e_samples(kind, wrong="resample-from-p", runs=E2E_RUNS_WRONG)
     assert chisquare_pvalue(wrong, p) < REJECT, total_variation(wrong, p)
 
 
@@ -611,6 +680,36 @@ def test_e2e_draft_model_is_not_the_verifier():
     q = torch.stack([exact_joint(draft, E2E_PROMPT + (x1,), steps=2, sampling=sampling) for x1 in range(E2E_VOCAB)])
     wrong = p.sum((1, 2))[:, None, None] * q
     assert chisquare_pvalue(counts, wrong) < REJECT
+
+
+def test_e2e_eagle3_drafter_is_not_the_verifier():
+    """The EAGLE-3 drafters of the engine test draft from a q far from one-hot and far from p:
+    at the first verify step, after each x1, q(x2) (the chain's, handed to the rule, and the
+    full-vocabulary one the tree chooses its children from) is at total variation >= 0.2 from
+    the verifier's warped p(x2 | x1) and puts at most 0.8 on any token. The tree really branches."""
+    verifier, _ = e2e_models()
+    for kind in ("eagle3_chain", "eagle3_tree"):
+        sampling = E2E_SAMPLING[kind]
+        model = e2e_eagle3_model(tuple(E2E_DRAFT_VOCAB) if kind == "eagle3_chain" else None)
+        drafter = Eagle3Drafter(model, verifier, tree="chain")  # the chain's q is the tree's too
+        for x1 in range(E2E_VOCAB):
+            prompt = list(E2E_PROMPT)
+            with torch.no_grad():
+                out = verifier.model(input_ids=torch.tensor([prompt + [x1]]), output_hidden_states=True)
+            p = sampling.probs(out.logits[0, -1:])[0]
+            hidden = tuple(out.hidden_states[i][0, :-1] for i in drafter.hidden_layers)
+            drafter.start(prompt)
+            cands = drafter.propose(DraftContext(prompt + [x1], 2, sampling, torch.Generator().manual_seed(0), hidden))
+            q = cands.draft_probs[0]
+            assert 0.5 * float((p - q).abs().sum()) >= 0.2, (kind, x1, p, q)
+            assert float(q.max()) <= 0.8, (kind, x1, q)
+            if kind == "eagle3_chain":
+                assert float(q[1]) == 0.0  # outside the draft vocabulary
+        if kind == "eagle3_tree":
+            tree = Eagle3Drafter(model, verifier, tree=4, top_k=2)
+            tree.start(prompt)
+            cands = tree.propose(DraftContext(prompt + [x1], 2, sampling, None, hidden))
+            assert cands.draft_probs is None and len(cands) == 4 and cands.parents.tolist().count(-1) == 2
 
 
 def test_seeded_sampling_is_deterministic():
