@@ -78,6 +78,8 @@ class RecordingDrafter:
         self.inner = inner
         self.name = inner.name
         self.needs_hidden_states = inner.needs_hidden_states
+        if hasattr(inner, "hidden_layers"):  # EAGLE-3: the verifier layers the engine must hand over
+            self.hidden_layers = inner.hidden_layers
         self.steps: list[tuple[int, int, int]] = []
         self._drafted = 0
 
