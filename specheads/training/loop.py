@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import SpecHeadsError
+from .batches import collate  # noqa: F401  (re-exported: the loop's batches)
 from .recipe import Recipe
 
 CHECKPOINTS = "checkpoints"
@@ -44,24 +45,6 @@ HISTORY_KEPT = 20  # history entries kept in checkpoints and in training_summary
 SAFE_TO_CHANGE = ("training.max_steps", "training.eval_every", "training.save_every", "training.log_every")
 # Not recorded at all: where files go, and the hidden-state cache, which changes no value.
 _NOT_RECORDED = ("training.output_dir", "training.cache_hidden_states", "training.hidden_cache_dir", "verifier.trust_remote_code")
-
-
-def collate(batch: list[dict], pad_id: int, indices: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad input_ids; answer_mask marks answer tokens (the ones losses may target);
-    ``index`` (the examples' dataset indices) lets the hidden-state cache find them."""
-    T = max(len(x["input_ids"]) for x in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), T), dtype=torch.long)
-    answer = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, x in enumerate(batch):
-        n = len(x["input_ids"])
-        ids[i, :n] = torch.tensor(x["input_ids"])
-        attn[i, :n] = 1
-        answer[i, x["prompt_length"] : n] = 1
-    out = {"input_ids": ids, "attention_mask": attn, "answer_mask": answer}
-    if indices is not None:
-        out["index"] = torch.tensor(indices, dtype=torch.long)
-    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -247,7 +230,7 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, verifier
 
     objective = make_objective(recipe, verifier, train_ds)
     if t.cache_hidden_states:
-        objective.hidden_cache = _open_hidden_cache(accelerator, train_ds, verifier, t)
+        objective.hidden_cache = _open_hidden_cache(accelerator, objective, train_ds, verifier, t)
     module = objective.module.to(accelerator.device)
     groups = objective.param_groups(module, t.lr, t.weight_decay)
     optimizer = torch.optim.AdamW(groups)
@@ -576,7 +559,9 @@ def _loaded_whole():
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
-def _open_hidden_cache(accelerator, train_ds, verifier, t):
+def _open_hidden_cache(accelerator, objective, train_ds, verifier, t):
+    """The objective's on-disk cache of what the frozen verifier gives each training token: its
+    own (``open_hidden_cache``, e.g. EAGLE-3's features) or the verifier's last hidden states."""
     from ..checkpoint import verifier_info
     from .hidden_cache import HiddenStateCache, cache_key
 
@@ -586,12 +571,22 @@ def _open_hidden_cache(accelerator, train_ds, verifier, t):
     lengths = [len(ids) for ids in rows]
     key = cache_key(verifier_info(verifier), rows)
     path = t.hidden_cache_dir or os.path.join(t.output_dir, "hidden_cache")
+    if hasattr(objective, "open_hidden_cache"):
+        size = objective.describe_cache(lengths)
+
+        def open_cache(create):
+            return objective.open_hidden_cache(path, lengths, key, create)
+    else:
+        size = HiddenStateCache.describe(lengths, verifier.hidden_size, verifier.dtype)
+
+        def open_cache(create):
+            return HiddenStateCache(path, lengths, verifier.hidden_size, verifier.dtype, create=create, key=key)
     if accelerator.is_main_process:
-        accelerator.print(f"[specheads] hidden-state cache at {path}: {HiddenStateCache.describe(lengths, verifier.hidden_size, verifier.dtype)}")
-        cache = HiddenStateCache(path, lengths, verifier.hidden_size, verifier.dtype, create=True, key=key)
+        accelerator.print(f"[specheads] hidden-state cache at {path}: {size}")
+        cache = open_cache(True)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
-        cache = HiddenStateCache(path, lengths, verifier.hidden_size, verifier.dtype, create=False, key=key)
+        cache = open_cache(False)
     return cache
 
 

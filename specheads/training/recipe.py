@@ -53,11 +53,16 @@ class StudentSection:
 
 @dataclass
 class DrafterSection:
-    kind: str = "medusa"  # medusa: heads on the verifier | draft_model: a small standalone LM (DistillSpec)
+    # medusa: heads on the verifier | draft_model: a small standalone LM (DistillSpec) |
+    # eagle3: one decoder layer over the verifier's fused features (EAGLE-3)
+    kind: str = "medusa"
     num_heads: int = 4
-    num_layers: int = 1
+    num_layers: int = 1  # medusa: residual blocks per head; eagle3: decoder layers (1, as EAGLE-3 and vLLM)
     shared_lm_head: bool = False
     draft_vocab_size: int | None = None
+    # eagle3: the verifier hidden states fused, as transformers' hidden_states indices (id i = the
+    # input to layer i, vLLM's convention); default (2, N // 2, N - 3) as vLLM's
+    aux_layer_ids: list[int] | None = None
     student: StudentSection | None = None  # draft_model only; defaults to StudentSection()
 
 
@@ -92,13 +97,11 @@ class DataSection:
     eval_fraction: float = 0.05
 
 
-DRAFTER_KINDS = ("medusa", "draft_model")
-MEDUSA_LOSSES = ("ce", "kl")  # the first is the default
-DISTILL_LOSSES = ("fkl", "rkl", "jsd", "tvd")
 
 
 @dataclass
 class ObjectiveSection:
+    # eagle3: soft (cross-entropy against the verifier's distribution over the draft vocabulary).
     # medusa: ce (hard labels) | kl (soft labels, KL to the verifier's own distribution).
     # draft_model: fkl | rkl | jsd | tvd, divergences from the verifier's full next-token
     # distribution (specheads/training/losses.py). Unset: ce for medusa, fkl for draft_model.
@@ -107,6 +110,9 @@ class ObjectiveSection:
     # medusa: false keeps the own LM heads at the verifier's rows and trains only the residual
     # blocks: ~H*H parameters per head instead of H*(H+V), which overfits far less on small data.
     train_lm_heads: bool = True
+    # eagle3 only: training-time test unrolls ttt_steps draft steps; step i weighs ttt_decay ** i
+    ttt_steps: int = 7
+    ttt_decay: float = 0.8
     # draft_model only:
     temperature: float = 1.0  # applied to both distributions before the divergence
     jsd_beta: float = 0.5  # jsd: weight of the verifier in the mixture; 0 = fkl, 1 = rkl
@@ -164,10 +170,11 @@ class Recipe:
         t, d, o, dr = self.training, self.data, self.objective, self.drafter
         if type(d.self_distill) is _UnsetSelfDistill:
             d.self_distill = None if d.conversations else SelfDistillSection()
-        if dr.kind not in DRAFTER_KINDS:
-            raise SpecHeadsError(f"recipe value drafter.kind={dr.kind!r} is not a drafter kind (choose {', '.join(DRAFTER_KINDS)})")
+        from .objectives import kind_module
+
+        kind = kind_module(dr.kind)  # refuses an unknown kind
         distill = dr.kind == "draft_model"
-        losses = DISTILL_LOSSES if distill else MEDUSA_LOSSES
+        losses = kind.LOSSES
         if o.loss is None:
             o.loss = losses[0]
         if o.loss not in losses:
@@ -221,6 +228,8 @@ class Recipe:
             if not ok:
                 raise SpecHeadsError(f"recipe value {key}={value!r} is out of range")
         self._check_kind_specific()
+        if hasattr(kind, "check_recipe"):
+            kind.check_recipe(self)
         if d.self_distill is None and not d.conversations:
             raise SpecHeadsError("recipe needs data.self_distill or data.conversations")
         self._check_data_sources()
@@ -238,22 +247,32 @@ class Recipe:
                 sharegpt_path(source_path(source))
 
     def _check_kind_specific(self) -> None:
-        """Settings that belong to the other drafter kind are refused, not silently ignored."""
-        t, o, dr = self.training, self.objective, self.drafter
-        if dr.kind == "draft_model":
-            used = [("drafter.draft_vocab_size", dr.draft_vocab_size, dr.draft_vocab_size is not None),
-                    ("training.lora", t.lora, t.lora is not None)]
-            for key, value, bad in used:
-                if bad:
-                    raise SpecHeadsError(f"recipe value {key}={value!r} is for drafter.kind=medusa, not draft_model")
-        else:
-            defaults = ObjectiveSection()
-            distill_only = ("temperature", "jsd_beta", "ce_weight", "on_policy_fraction", "on_policy_max_new_tokens", "on_policy_temperature")
-            for key in distill_only:
-                if getattr(o, key) != getattr(defaults, key):
-                    raise SpecHeadsError(f"recipe value objective.{key}={getattr(o, key)!r} is for drafter.kind=draft_model, not {dr.kind}")
-            if dr.student is not None:
-                raise SpecHeadsError(f"recipe value drafter.student is for drafter.kind=draft_model, not {dr.kind}")
+        """Settings that belong to another drafter kind are refused, not silently ignored."""
+        drafter, objective = DrafterSection(), ObjectiveSection()
+        for key, kinds in OWNED_SETTINGS.items():
+            if self.drafter.kind in kinds:
+                continue
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            default = {"drafter": drafter, "objective": objective}.get(section)
+            if value != (getattr(default, name) if default is not None else None):
+                raise SpecHeadsError(f"recipe value {key}={value!r} is for drafter.kind={' or '.join(kinds)}, not {self.drafter.kind}")
+
+
+# Settings that only some drafter kinds read; set (away from the default) for another kind, they are refused.
+_DISTILL_ONLY = ("temperature", "jsd_beta", "ce_weight", "on_policy_fraction", "on_policy_max_new_tokens", "on_policy_temperature")
+OWNED_SETTINGS: dict[str, tuple[str, ...]] = {
+    "drafter.draft_vocab_size": ("medusa", "eagle3"),
+    "drafter.shared_lm_head": ("medusa",),
+    "drafter.aux_layer_ids": ("eagle3",),
+    "drafter.student": ("draft_model",),
+    "objective.head_decay": ("medusa",),
+    "objective.train_lm_heads": ("medusa",),
+    "objective.ttt_steps": ("eagle3",),
+    "objective.ttt_decay": ("eagle3",),
+    "training.lora": ("medusa",),
+    **{f"objective.{k}": ("draft_model",) for k in _DISTILL_ONLY},
+}
 
 
 def _student_checks(st: "StudentSection") -> list[tuple[str, Any, bool]]:
