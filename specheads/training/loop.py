@@ -192,7 +192,17 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, verifier
     os.makedirs(t.output_dir, exist_ok=True)
     log_with = "tensorboard" if _has_tensorboard() else None
     G = t.gradient_accumulation_steps
-    accelerator = Accelerator(gradient_accumulation_steps=G, log_with=log_with, project_dir=t.output_dir)
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        # Without CUDA accelerate picks no process-group backend for DeepSpeed and every rank
+        # believes it is the only one (while DeepSpeed runs a 2-rank world); gloo makes it see them all.
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(gradient_accumulation_steps=G, log_with=log_with, project_dir=t.output_dir, kwargs_handlers=handlers)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
+        raise SpecHeadsError(f"accelerate sees {accelerator.num_processes} process(es) but torch.distributed runs {torch.distributed.get_world_size()}: "
+                             "check the launch configuration (backend, ACCELERATE_USE_CPU)")
     set_seed(t.seed)
     main = accelerator.is_main_process
 
