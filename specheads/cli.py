@@ -237,7 +237,8 @@ def _variants(args, verifier, drafter, spec: str | None = None) -> dict:
         return {f"tree={t}" if t == d.tree else f"tree={t}:{d.tree}": d for t, d in zip(trees, variants)}
     if isinstance(drafter, Eagle3Drafter) and len(trees) > 1:
         variants = [Eagle3Drafter(drafter.model, verifier, tree=t, top_k=drafter.top_k) for t in trees]
-        return {f"tree={t}" if str(t) == str(d.tree) else f"tree={t}:dyn{d.tree}": d for t, d in zip(trees, variants)}
+        resolved = ["chain" if d.tree == "chain" else f"dyn{d.tree}" for d in variants]  # auto -> the size it chose
+        return {f"tree={t}" if t == r else f"tree={t}:{r}": d for t, r, d in zip(trees, resolved, variants)}
     sizes = _parse_sizes(args.draft_vocab, "--draft-vocab")
     if isinstance(drafter, DraftModelDrafter) and len(sizes) > 1:
         return {f"vocab={n or 'all'}": DraftModelDrafter(drafter.model, verifier.vocab_size, model_name=spec,
