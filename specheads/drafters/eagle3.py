@@ -33,8 +33,11 @@ KIND = "eagle3"
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
-    """vLLM's default, the inputs to layers 2, N // 2 and N - 3, kept inside shallow verifiers."""
-    return [min(max(i, 1), num_layers) for i in (2, num_layers // 2, num_layers - 3)]
+    """vLLM's default, the inputs to layers 2, N // 2 and N - 3. In shallow verifiers they are kept
+    within 1..N-1 (id N, the last hidden state, is normed in transformers but not in vLLM) and
+    repeats are dropped (vLLM captures a layer once)."""
+    top = max(1, num_layers - 1)
+    return sorted({min(max(i, 1), top) for i in (2, num_layers // 2, num_layers - 3)})
 
 
 def verifier_depth(verifier) -> int:
