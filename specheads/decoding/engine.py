@@ -27,7 +27,7 @@ import torch
 from ..errors import SpecHeadsError
 from .candidates import Candidates, DraftContext
 from .draft_length import AdaptiveDraftLength, FixedDraftLength
-from .kv_cache import cache_kwargs, keep_positions, new_cache, truncate_cache
+from .kv_cache import cache_kwargs, keep_positions, new_cache, sliding_windows, truncate_cache
 from .metrics import DecodingStats
 from .sampling import SamplingParams
 from .tree import clip_tree_depth, tree_attention_mask, tree_max_depth, tree_position_ids
@@ -83,7 +83,7 @@ class SpeculativeDecoder:
         than at its first tree; for others, the reason a tree step would be refused, or None."""
         trees = bool(getattr(drafter, "proposes_trees", False))
         who = f"verifier '{getattr(self.verifier, 'name', type(self.model).__name__)}'"
-        windows = sorted({layer.sliding_window for layer in new_cache(self.model).layers if getattr(layer, "is_sliding", False)})
+        windows = sliding_windows(self.model)
         if windows:
             why = (f"{who} has sliding-window attention (window {windows[0]} tokens), whose cache drops positions that "
                    f"tree verification must keep: drafter '{drafter.name}' proposes candidate trees; use a chain (e.g. --tree chain)")

@@ -21,6 +21,11 @@ def new_cache(model):
     return DynamicCache(config=model.config)
 
 
+def sliding_windows(model) -> list[int]:
+    """The window sizes of the cache layers that keep only recent positions (sliding-window attention)."""
+    return sorted({layer.sliding_window for layer in new_cache(model).layers if getattr(layer, "is_sliding", False)})
+
+
 def cache_kwargs(model, cache) -> dict:
     """The forward() keyword for a cache: ``cache`` in transformers >= 5.2x, ``past_key_values`` before."""
     import inspect
