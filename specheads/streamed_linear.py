@@ -18,13 +18,10 @@ the same modules, so they stay comparable. On CUDA nothing changes.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
-import uuid
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -157,19 +154,9 @@ def machine_key(model: nn.Module) -> str:
 def tune_or_reuse(model: nn.Module, key: str, store: str | os.PathLike, *, retune: bool = False) -> dict:
     """``tune_streaming`` once per ``key`` (see ``machine_key``), its choice kept in the json file
     ``store``; later calls apply the stored choice without timing (``retune`` times again)."""
-    store = Path(store)
-    try:
-        known = json.loads(store.read_text()) if store.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        known = {}  # an unreadable store only costs a new measurement
-    if not retune and key in known:
-        report = known[key]
+    from .machine_store import measured_once
+
+    report, reused = measured_once(store, key, lambda: tune_streaming(model), refresh=retune)
+    if reused:  # a fresh tuning has already streamed the model's linears
         stream_linears(model, report["head_rows"], report["layer_rows"])
-        return {**report, "reused": True}
-    report = tune_streaming(model)
-    known[key] = report
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.with_name(f".{store.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(known, indent=1))
-    os.replace(tmp, store)
-    return {**report, "reused": False}
+    return {**report, "reused": reused}

@@ -192,3 +192,26 @@ def test_tree_budget_below_one_is_refused():
     v = cached_verifier("llama")
     with pytest.raises(SpecHeadsError, match="tree budget 0"):
         Eagle3Drafter(random_drafter_model(v), v, tree="dyn0")
+
+
+def test_tree_budget_follows_the_verifier_cost():
+    """Flat verify cost (a GPU) makes a big tree pay; a cost that grows per token with a weak
+    drafter (this CPU) gives one node; the measurement is kept per machine and reused."""
+    import os
+    import tempfile
+
+    from specheads.decoding.tree_budget import best_size, expected_accepted, verify_cost
+
+    acc = [[0.6, 0.2, 0.1, 0.05], [0.7, 0.15, 0.05, 0.03], [0.7, 0.15, 0.05, 0.03]]
+    assert expected_accepted(acc, 1) == pytest.approx(0.6)
+    assert expected_accepted(acc, 2) == pytest.approx(0.6 + 0.42)  # the chain's second node beats rank 1 at depth 1
+    flat = {q: 10.0 for q in range(1, 66)}
+    steep = {q: 10.0 * q for q in range(1, 66)}
+    assert best_size(flat, acc)[0] >= 8
+    weak = [[0.2, 0.1, 0.05, 0.02], [0.1, 0.05, 0.02, 0.01]]
+    assert best_size(steep, weak)[0] == 1
+    store = os.path.join(tempfile.mkdtemp(), "verify_cost.json")
+    model = cached_verifier("llama").model
+    first, reused_first = verify_cost(model, store)
+    again, reused_again = verify_cost(model, store)
+    assert (reused_first, reused_again) == (False, True) and first == again

@@ -17,11 +17,9 @@ enter the choice.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -73,20 +71,10 @@ def verify_cost(model, store: str | os.PathLike | None = None, *, remeasure: boo
     from ..verifier import cache_dir
 
     store = Path(store) if store is not None else cache_dir() / "verify_cost.json"
-    key = device_key(model)
-    try:
-        known = json.loads(store.read_text()) if store.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        known = {}  # an unreadable store only costs a new measurement
-    if not remeasure and key in known:
-        return {int(q): ms for q, ms in known[key].items()}, True
-    cost = measure_verify_cost(model)
-    known[key] = cost
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.with_name(f".{store.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(known, indent=1))
-    os.replace(tmp, store)
-    return cost, False
+    from ..machine_store import measured_once
+
+    cost, reused = measured_once(store, device_key(model), lambda: measure_verify_cost(model), refresh=remeasure)
+    return {int(q): ms for q, ms in cost.items()}, reused
 
 
 def step_accuracy(eval_metrics: dict | None) -> list[list[float]] | None:
