@@ -356,24 +356,35 @@ def _markdown_side_by_side(report: dict) -> list[str]:
         *map(_drafter_line, report["drafters"]),
         "",
     ]
-    cpu = report.get("cpu_linears")
-    if cpu and cpu.get("device") == "cpu":
-        lines += [f"CPU linears: LM head streamed for {_counts(cpu['head_rows'])} tokens, other linears for "
-                  f"{_counts(cpu['layer_rows'])} (torch's packed GEMM otherwise; `--cpu-linears`)", ""]
+    lines += _cpu_linears_lines(report)
     lines += [
         "| method | drafter | variant | tokens/s | speedup | tau | acceptance per position | identical to verifier |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["methods"].items():
-        acc = ", ".join(f"{a:.2f}" for a in m["acceptance_per_position"]) or "-"
-        tau = f"{m['tau']:.2f}" if m["tau"] is not None else "-"
-        ident = "-" if m["identical_to_verifier"] is None else ("yes" if m["identical_to_verifier"] else f"no ({m['identical_fraction']:.0%} of prompts)")
+        acc, tau, ident = _cells(m)
         variant = m.get("detail") or m.get("variant")  # e.g. "tree tree4, 4 nodes" for tree=auto:tree4
         if "num_draft_tokens" in m and len(report["num_draft_tokens"]) > 1:
             variant = ", ".join(t for t in (variant, f"k={m['num_draft_tokens']}") if t)
         lines.append(f"| {name} | {m.get('drafter') or '-'} | {variant or '-'} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | "
                      f"{tau} | {acc} | {ident} |")
     return lines
+
+
+def _cpu_linears_lines(report: dict) -> list[str]:
+    cpu = report.get("cpu_linears")
+    if not (cpu and cpu.get("device") == "cpu"):
+        return []
+    return [f"CPU linears: LM head streamed for {_counts(cpu['head_rows'])} tokens, other linears for "
+            f"{_counts(cpu['layer_rows'])} (torch's packed GEMM otherwise; `--cpu-linears`)", ""]
+
+
+def _cells(m: dict) -> tuple[str, str, str]:
+    """(acceptance per position, tau, identical to verifier) of a method, as table cells."""
+    acc = ", ".join(f"{a:.2f}" for a in m["acceptance_per_position"]) or "-"
+    tau = f"{m['tau']:.2f}" if m["tau"] is not None else "-"
+    ident = "-" if m["identical_to_verifier"] is None else ("yes" if m["identical_to_verifier"] else f"no ({m['identical_fraction']:.0%} of prompts)")
+    return acc, tau, ident
 
 
 def markdown_table(report: dict) -> str:
@@ -394,18 +405,13 @@ def markdown_table(report: dict) -> str:
         f"T={report['temperature']}",
         "",
     ]
-    cpu = report.get("cpu_linears")
-    if cpu and cpu.get("device") == "cpu":
-        lines += [f"CPU linears: LM head streamed for {_counts(cpu['head_rows'])} tokens, other linears for "
-                  f"{_counts(cpu['layer_rows'])} (torch's packed GEMM otherwise; `--cpu-linears`)", ""]
+    lines += _cpu_linears_lines(report)
     lines += [
         "| method | tokens/s | speedup | tau | acceptance per position | identical to verifier |",
         "|---|---|---|---|---|---|",
     ]
     for name, m in report["methods"].items():
-        acc = ", ".join(f"{a:.2f}" for a in m["acceptance_per_position"]) or "-"
-        tau = f"{m['tau']:.2f}" if m["tau"] is not None else "-"
-        ident = "-" if m["identical_to_verifier"] is None else ("yes" if m["identical_to_verifier"] else f"no ({m['identical_fraction']:.0%} of prompts)")
+        acc, tau, ident = _cells(m)
         lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {tau} | {acc} | {ident} |")
     best = report.get("best_draft_length") or {}
     if best:

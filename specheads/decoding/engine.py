@@ -29,7 +29,7 @@ from .candidates import Candidates, DraftContext
 from .draft_length import AdaptiveDraftLength, FixedDraftLength
 from .kv_cache import cache_kwargs, keep_positions, new_cache, sliding_windows, truncate_cache
 from .metrics import DecodingStats
-from .sampling import SamplingParams
+from .sampling import SamplingParams, draw
 from .tree import clip_tree_depth, tree_attention_mask, tree_max_depth, tree_position_ids
 from .verify import greedy_verify, greedy_verify_tree, speculative_sampling, tree_speculative_sampling, typical_acceptance
 
@@ -165,7 +165,7 @@ class SpeculativeDecoder:
             logits_to_keep=1,
             output_hidden_states=wants_hidden,
         )
-        first = self._sample_one(out.logits[0, -1], sampling, generator)
+        first, _ = draw(out.logits[0, -1], sampling, generator)
         hidden = tuple(h[0] for h in self._declared(out.hidden_states)) if wants_hidden else None
         tokens = prompt_ids + [first]
         new = [first]
@@ -280,12 +280,6 @@ class SpeculativeDecoder:
         ``hidden_states``), or all of them for a drafter that declares none."""
         layers = getattr(self.drafter, "hidden_layers", None)
         return hidden_states if layers is None else tuple(hidden_states[i] for i in layers)
-
-    @staticmethod
-    def _sample_one(logits: torch.Tensor, sampling: SamplingParams, generator) -> int:
-        if sampling.greedy:
-            return int(logits.argmax())
-        return int(torch.multinomial(sampling.probs(logits[None])[0], 1, generator=generator))
 
     def _cut_at_stop(self, emitted: list[int], new: list[int], eos: set, stop_strings) -> tuple[list[int], str | None]:
         """The emitted tokens up to and including the first eos token or completed stop string,

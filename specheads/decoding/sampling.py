@@ -73,3 +73,12 @@ def _real(name: str, value) -> float:
     if not math.isfinite(value):
         raise SpecHeadsError(f"{name} must be a finite number, got {value}")
     return value
+
+
+def draw(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None) -> tuple[int, torch.Tensor | None]:
+    """A drafted token from [V] logits: the argmax when greedy (q None: one-hot), else a sample and
+    the distribution q it was drawn from, which the rejection rule must be given."""
+    if sampling.greedy:
+        return int(logits.argmax()), None
+    q = sampling.probs(logits[None])[0]
+    return int(torch.multinomial(q, 1, generator=generator)), q

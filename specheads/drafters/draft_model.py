@@ -16,6 +16,7 @@ import torch
 
 from ..decoding.candidates import Candidates
 from ..decoding.kv_cache import cache_kwargs, new_cache, truncate_cache
+from ..decoding.sampling import draw
 from ..errors import SpecHeadsError
 from .base import DraftContext
 
@@ -106,11 +107,8 @@ class DraftModelDrafter:
         drafts: list[int] = []
         probs: list[torch.Tensor] = []
         for i in range(k):
-            if ctx.sampling.greedy:
-                token = int(logits.argmax())
-            else:
-                q = ctx.sampling.probs(logits[None])[0]
-                token = int(torch.multinomial(q, 1, generator=ctx.generator))
+            token, q = draw(logits, ctx.sampling, ctx.generator)
+            if q is not None:
                 probs.append(q)
             drafts.append(token)
             if i + 1 < k:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..checkpoint import load_drafter_state, save_drafter, verifier_info
 from ..decoding.candidates import Candidates, DraftContext
+from ..decoding.sampling import draw
 from ..errors import SpecHeadsError
 
 KIND = "eagle3"
@@ -416,11 +417,8 @@ class Eagle3Drafter:
         drafts, probs = [], []
         for d in range(k):
             logits = self._to_target(self.model.logits(hidden))
-            if ctx.sampling.greedy:
-                token = int(logits.argmax())
-            else:
-                q = ctx.sampling.probs(logits[None])[0]
-                token = int(torch.multinomial(q, 1, generator=ctx.generator))
+            token, q = draw(logits, ctx.sampling, ctx.generator)
+            if q is not None:
                 probs.append(q)
             drafts.append(token)
             if d + 1 < k:  # the row of the drafted token sits at position n + d
