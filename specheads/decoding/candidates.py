@@ -23,12 +23,17 @@ class Candidates:
     # [n, V] float: the drafter's probability q(. | path) at each node, from which tokens[i] was
     # sampled. None means a deterministic drafter (q is one-hot on tokens[i]).
     draft_probs: torch.Tensor | None = None
+    # [n] float in [0, 1]: the drafter's own confidence that node i is accepted given its parent
+    # was (e.g. its draft probability of tokens[i], or a match frequency). Never used to verify;
+    # the engine's goodput control calibrates it against what the verifier accepts. None: unknown.
+    scores: torch.Tensor | None = None
 
     @classmethod
-    def chain(cls, tokens, draft_probs: torch.Tensor | None = None) -> "Candidates":
+    def chain(cls, tokens, draft_probs: torch.Tensor | None = None, scores=None) -> "Candidates":
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         parents = torch.arange(-1, tokens.numel() - 1, dtype=torch.long)
-        return cls(tokens=tokens, parents=parents, draft_probs=draft_probs)
+        scores = None if scores is None else torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+        return cls(tokens=tokens, parents=parents, draft_probs=draft_probs, scores=scores)
 
     @classmethod
     def empty(cls) -> "Candidates":
@@ -54,6 +59,8 @@ class Candidates:
             raise SpecHeadsError(f"parents must point to earlier nodes (topological order): {self.parents.tolist()}")
         if self.draft_probs is not None and self.draft_probs.shape[0] != len(self):
             raise SpecHeadsError(f"draft_probs has {self.draft_probs.shape[0]} rows for {len(self)} candidate tokens")
+        if self.scores is not None and tuple(self.scores.shape) != (len(self),):
+            raise SpecHeadsError(f"scores has shape {tuple(self.scores.shape)} for {len(self)} candidate tokens")
 
 
 @dataclass
