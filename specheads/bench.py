@@ -53,7 +53,7 @@ class BenchConfig:
     max_new_tokens: int = 128
     sampling: SamplingParams = field(default_factory=SamplingParams)
     num_draft_tokens: tuple[int, ...] = (4,)
-    adaptive: bool = False
+    control: str = "goodput"  # the engine's control: goodput or fixed
     typical_acceptance: bool = False  # LOSSY opt-in (sampling only)
     seed: int = 0
     hf_baselines: bool = True
@@ -137,7 +137,7 @@ def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[li
 
     def engine_method(d, k: int):
         decoder = SpeculativeDecoder(
-            verifier, d, num_draft_tokens=k, adaptive=cfg.adaptive,
+            verifier, d, num_draft_tokens=k, control=cfg.control,
             typical_acceptance={} if cfg.typical_acceptance and d is not None else None,
         )
 
@@ -264,6 +264,8 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
             step_s = (s.verify_s + s.draft_s) / s.verify_steps
             entry["acceptance_rate"] = s.acceptance_rate
             entry["mean_draft_length"] = s.mean_draft_length
+            entry["mean_nodes"] = s.mean_nodes
+            entry["plain_steps"] = s.plain_steps
             entry["time_per_step_s"] = {"verify": s.verify_s / s.verify_steps, "draft": s.draft_s / s.verify_steps}
             if t1:
                 # What this tau could give if nothing but the forwards cost time.
@@ -296,7 +298,7 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
         "top_k": cfg.sampling.top_k,
         "top_p": cfg.sampling.top_p,
         "num_draft_tokens": list(cfg.num_draft_tokens),
-        "adaptive": cfg.adaptive,
+        "control": cfg.control,
         "typical_acceptance_LOSSY": cfg.typical_acceptance,
         "methods": methods,
         "best_draft_length": best_draft_lengths(results, methods),

@@ -37,7 +37,11 @@ def _add_decoding_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> No
         g.add_argument("--num-draft-tokens", default="4", help="tokens drafted per step; a comma list (e.g. 2,4,6) sweeps them (default: %(default)s)")
     else:
         g.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per step (default: %(default)s)")
-    g.add_argument("--adaptive", action="store_true", help="choose the draft length each step from measured acceptance and cost (0 = plain decoding when drafts are poor)")
+    g.add_argument("--control", default="goodput", choices=["goodput", "fixed"],
+                   help="goodput: each step verify what pays on this machine, from running acceptance estimates and the "
+                   "verifier's measured cost per token count: nothing (a plain step), a prefix of a chain, the best part of a "
+                   "tree, and skip a drafter whose drafts do not pay for its time (--num-draft-tokens is then the deepest "
+                   "draft); fixed: verify every drafted token at --num-draft-tokens, for experiments (default: %(default)s)")
     g.add_argument("--typical-acceptance", action="store_true", help="LOSSY, sampling only: Medusa's typical acceptance instead of exact speculative sampling (off by default)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, exactly the verifier's greedy output (default: %(default)s)")
@@ -261,7 +265,7 @@ def cmd_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     ids = verifier.encode(prompt, chat_template=None if args.chat_template == "auto" else args.chat_template == "on")
     decoder = SpeculativeDecoder(
-        verifier, drafter, num_draft_tokens=args.num_draft_tokens, adaptive=args.adaptive,
+        verifier, drafter, num_draft_tokens=args.num_draft_tokens, control=args.control,
         typical_acceptance={} if args.typical_acceptance else None,
     )
     out = decoder.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_strings=args.stop or (), seed=args.seed)
@@ -288,7 +292,7 @@ def run_bench(args) -> dict:
         max_new_tokens=args.max_new_tokens,
         sampling=_sampling(args),
         num_draft_tokens=_parse_draft_lengths(args.num_draft_tokens),
-        adaptive=args.adaptive,
+        control=args.control,
         typical_acceptance=args.typical_acceptance,
         seed=args.seed,
         hf_baselines=not args.no_hf,

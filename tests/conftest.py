@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,15 @@ ARCHS = ("llama", "qwen2", "gpt2")
 VOCAB = 64
 BOS, EOS, PAD = 0, 1, 2
 MAX_POSITIONS = 256
+
+# Per-machine measurements (verify cost, CPU linears) go to a store of this test session, never the
+# user's: a test's timings under load must not size anyone's trees. The converted verifiers are
+# shared through a link, so the real SmolLM2 is converted once per machine, not per session.
+_USER_CACHE = Path(os.environ.get("SPECHEADS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "specheads")
+_SESSION_CACHE = Path(tempfile.mkdtemp(prefix="specheads-tests-"))
+(_USER_CACHE / "verifiers").mkdir(parents=True, exist_ok=True)
+(_SESSION_CACHE / "verifiers").symlink_to(_USER_CACHE / "verifiers", target_is_directory=True)
+os.environ["SPECHEADS_CACHE"] = str(_SESSION_CACHE)
 
 # The models are tiny: one intra-op thread avoids thread contention that makes each forward
 # several times slower on a small shared machine.

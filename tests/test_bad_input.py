@@ -6,7 +6,6 @@ import pytest
 
 from conftest import MAX_POSITIONS, VOCAB, cached_verifier, make_model
 from specheads.decoding import SpeculativeDecoder
-from specheads.decoding.draft_length import AdaptiveDraftLength, FixedDraftLength
 from specheads.decoding.sampling import SamplingParams
 from specheads.drafters import DraftModelDrafter, NgramDrafter, build_drafter
 from specheads.errors import SpecHeadsError
@@ -35,13 +34,13 @@ def test_draft_model_vocab_mismatch():
 @pytest.mark.parametrize("bad", [0, -3])
 def test_max_new_tokens_below_one(llama, bad):
     with pytest.raises(SpecHeadsError) as exc:
-        SpeculativeDecoder(llama, NgramDrafter()).generate(PROMPT, max_new_tokens=bad)
+        SpeculativeDecoder(llama, NgramDrafter(), control="fixed").generate(PROMPT, max_new_tokens=bad)
     assert "max_new_tokens" in str(exc.value) and str(bad) in str(exc.value)
 
 
 def test_empty_prompt(llama):
     with pytest.raises(SpecHeadsError) as exc:
-        SpeculativeDecoder(llama, NgramDrafter()).generate([], max_new_tokens=4)
+        SpeculativeDecoder(llama, NgramDrafter(), control="fixed").generate([], max_new_tokens=4)
     assert "empty prompt" in str(exc.value)
 
 
@@ -57,7 +56,7 @@ def test_prompt_plus_max_new_tokens_beyond_context(arch_name):
     assert verifier.max_context == MAX_POSITIONS
     too_many = MAX_POSITIONS - len(PROMPT) + 1
     with pytest.raises(SpecHeadsError) as exc:
-        SpeculativeDecoder(verifier, NgramDrafter()).generate(PROMPT, max_new_tokens=too_many)
+        SpeculativeDecoder(verifier, NgramDrafter(), control="fixed").generate(PROMPT, max_new_tokens=too_many)
     msg = str(exc.value)
     assert str(too_many) in msg and str(MAX_POSITIONS) in msg and str(len(PROMPT)) in msg
 
@@ -150,12 +149,11 @@ def test_sampling_params(kwargs, message):
 
 def test_num_draft_tokens_negative(llama):
     with pytest.raises(SpecHeadsError) as exc:
-        SpeculativeDecoder(llama, NgramDrafter(), num_draft_tokens=-1)
+        SpeculativeDecoder(llama, NgramDrafter(), num_draft_tokens=-1, control="fixed")
     assert "num_draft_tokens" in str(exc.value) and "-1" in str(exc.value)
-    with pytest.raises(SpecHeadsError, match="-1"):
-        FixedDraftLength(-1)
-    with pytest.raises(SpecHeadsError, match="0"):
-        AdaptiveDraftLength(0)
+    with pytest.raises(SpecHeadsError) as exc:
+        SpeculativeDecoder(llama, NgramDrafter(), control="adaptive")
+    assert "'adaptive'" in str(exc.value) and "goodput" in str(exc.value)
 
 
 def test_ngram_sizes():

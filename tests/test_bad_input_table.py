@@ -118,7 +118,7 @@ def sliding_window_with_tree(root, drafter):
                         num_key_value_heads=2, max_position_embeddings=256, sliding_window=16)
     verifier = Verifier(MistralForCausalLM(cfg).eval(), None, "tiny-mistral")
     heads = MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=VOCAB, num_heads=3))
-    SpeculativeDecoder(verifier, MedusaDrafter(heads, verifier, tree="tree4"))
+    SpeculativeDecoder(verifier, MedusaDrafter(heads, verifier, tree="tree4"), control="fixed")
 
 
 CASES = [
@@ -225,7 +225,7 @@ def test_a_drafter_editing_ctx_tokens_cannot_change_the_output():
     verifier = cached_verifier("llama", 0)
     prompt = [5, 9, 13, 5, 9]
     plain = SpeculativeDecoder(verifier).generate(prompt, max_new_tokens=8)
-    vandal = SpeculativeDecoder(verifier, Vandal()).generate(prompt, max_new_tokens=8)
+    vandal = SpeculativeDecoder(verifier, Vandal(), control="fixed").generate(prompt, max_new_tokens=8)
     assert vandal.token_ids == plain.token_ids
 
 
@@ -239,9 +239,9 @@ def test_a_tree_drafter_switches_an_untested_attention_to_sdpa():
     tuned = Verifier(model, None, "tiny-llama-flex")
     heads = MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=VOCAB, num_heads=3))
     with pytest.warns(UserWarning, match="'flex_attention' switched to 'sdpa'"):
-        SpeculativeDecoder(tuned, MedusaDrafter(heads, tuned, tree="tree4"))
+        SpeculativeDecoder(tuned, MedusaDrafter(heads, tuned, tree="tree4"), control="fixed")
     assert model.config._attn_implementation == "sdpa"
     # a chain needs no 4D mask: left as it is
     model.config._attn_implementation_internal = "flex_attention"
-    SpeculativeDecoder(tuned, MedusaDrafter(heads, tuned, tree="chain"))
+    SpeculativeDecoder(tuned, MedusaDrafter(heads, tuned, tree="chain"), control="fixed")
     assert model.config._attn_implementation == "flex_attention"

@@ -45,7 +45,8 @@ def bench_args(d, out, drafter, *extra):
 
 
 def test_bench_report_with_draft_model(tiny_dirs, tmp_path):
-    assert main(bench_args(tiny_dirs, tmp_path, tiny_dirs["draft"])) == 0
+    # fixed control: every step drafts 4 tokens, so the report has 4 positions to show
+    assert main(bench_args(tiny_dirs, tmp_path, tiny_dirs["draft"], "--control", "fixed")) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["num_prompts"] == 3
     methods = report["methods"]
@@ -129,8 +130,8 @@ def test_bench_sweeps_medusa_trees(tiny_dirs, tmp_path):
     args = bench_args(tiny_dirs, tmp_path / "out", str(tmp_path / "medusa"), "--tree", "chain,tree8,auto", "--num-draft-tokens", "3", "--no-hf")
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    # untrained heads record no accuracy, so auto is the CPU's preset of the same size
-    assert set(report["methods"]) == {"plain", "speculative[tree=chain]", "speculative[tree=tree8]", "speculative[tree=auto:tree4]"}
+    # untrained heads record no accuracy, so auto is the 16-node preset, which goodput control cuts per step
+    assert set(report["methods"]) == {"plain", "speculative[tree=chain]", "speculative[tree=tree8]", "speculative[tree=auto:tree16]"}
     assert report["drafter"] == "medusa"
     for m in report["methods"].values():
         assert m["identical_to_verifier"] is True
@@ -145,7 +146,7 @@ def test_stop_string_ends_generation_at_the_completing_token(tiny_dirs, drafter)
     from specheads.verifier import load_verifier
 
     v = load_verifier(tiny_dirs["verifier"], device="cpu")
-    decoder = SpeculativeDecoder(v, build_drafter(drafter, v), num_draft_tokens=3)
+    decoder = SpeculativeDecoder(v, build_drafter(drafter, v), num_draft_tokens=3, control="fixed")
     ids = v.encode("what is a hash table?")
     full = decoder.generate(ids, max_new_tokens=30, eos_token_ids=[]).token_ids
     stop = v.tokenizer.decode(full[12:14])
@@ -197,7 +198,7 @@ def test_bench_puts_several_drafters_side_by_side(tiny_dirs, tmp_path, capsys):
     (draft / "draft_vocab.json").write_text(json.dumps({"source": "test", "token_ids": ranked, "counts": [1] * len(ranked)}))
     out = tmp_path / "out"
     args = bench_args(tiny_dirs, out, f"ngram,{medusa},{draft}", "--tree", "chain,tree8", "--draft-vocab", "0,12",
-                      "--num-draft-tokens", "3")
+                      "--num-draft-tokens", "3", "--control", "fixed")
     assert main(args) == 0
     err = capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())

@@ -250,7 +250,7 @@ def test_trained_student_accepts_more_and_its_directory_loads_everywhere(tmp_pat
     assert isinstance(drafter, DraftModelDrafter)
     prompt = list(held_out[0]["input_ids"][:6])
     ref = teacher.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, eos_token_id=EOS, pad_token_id=2)[0, 6:].tolist()
-    out = SpeculativeDecoder(teacher, drafter, num_draft_tokens=3).generate(prompt, max_new_tokens=20, eos_token_ids=[EOS])
+    out = SpeculativeDecoder(teacher, drafter, num_draft_tokens=3, control="fixed").generate(prompt, max_new_tokens=20, eos_token_ids=[EOS])
     assert out.token_ids == ref
     assert out.stats.tau > 1.0
     assisted = teacher.model.generate(torch.tensor([prompt]), assistant_model=model, do_sample=False, max_new_tokens=20,
@@ -269,7 +269,7 @@ def test_trained_student_accepts_more_and_its_directory_loads_everywhere(tmp_pat
     assert ranking["counts"][0] == max(answers.count(t) for t in set(answers))
     cut = build_drafter(final, teacher, draft_vocab=8)
     assert cut.draft_vocab.tolist() == ranking["token_ids"][:8]
-    out = SpeculativeDecoder(teacher, cut, num_draft_tokens=3).generate(prompt, max_new_tokens=20, eos_token_ids=[EOS])
+    out = SpeculativeDecoder(teacher, cut, num_draft_tokens=3, control="fixed").generate(prompt, max_new_tokens=20, eos_token_ids=[EOS])
     assert out.token_ids == ref
     with pytest.raises(SpecHeadsError, match=r"--draft-vocab 100000 is out of range: .* ranks \d+ tokens"):
         build_drafter(final, teacher, draft_vocab=100000)

@@ -83,9 +83,9 @@ def test_greedy_lossless_families(family, tree):
     if family == "gemma3" and tree != "chain":
         # trees need every cache layer to hold every position: refused at setup, chains still run
         with pytest.raises(SpecHeadsError, match="sliding"):
-            SpeculativeDecoder(v, drafter, num_draft_tokens=4)
+            SpeculativeDecoder(v, drafter, num_draft_tokens=4, control="fixed")
         return
-    engine = SpeculativeDecoder(v, drafter, num_draft_tokens=4)
+    engine = SpeculativeDecoder(v, drafter, num_draft_tokens=4, control="fixed")
     accepted = 0
     for prompt in REPETITIVE_PROMPTS:
         out = engine.generate(list(prompt), max_new_tokens=30, eos_token_ids=[EOS])
@@ -132,7 +132,7 @@ def test_training_raises_acceptance():
     v = cached_verifier("llama")
 
     def tau(model):
-        engine = SpeculativeDecoder(v, Eagle3Drafter(model, v, tree="chain"), num_draft_tokens=4)
+        engine = SpeculativeDecoder(v, Eagle3Drafter(model, v, tree="chain"), num_draft_tokens=4, control="fixed")
         emitted = steps = 0
         for prompt in TRAIN_PROMPTS[:6]:
             out = engine.generate(list(prompt), max_new_tokens=28, eos_token_ids=[])
@@ -162,7 +162,7 @@ def test_draft_vocabulary_stays_lossless_and_inside():
     v = cached_verifier("qwen2")
     vocab = [i for i in range(VOCAB) if i % 3]
     drafter = Eagle3Drafter(random_drafter_model(v, draft_vocab=vocab), v, tree=5, top_k=2)
-    engine = SpeculativeDecoder(v, drafter, num_draft_tokens=3)
+    engine = SpeculativeDecoder(v, drafter, num_draft_tokens=3, control="fixed")
     prompt = list(REPETITIVE_PROMPTS[0])
     assert engine.generate(prompt, max_new_tokens=25, eos_token_ids=[EOS]).token_ids == list(greedy_reference("qwen2", tuple(prompt), 25, EOS))
     drafter.start(prompt)

@@ -83,7 +83,8 @@ def test_eagle3_trains_through_the_loop_loads_decodes_and_reuses_its_feature_cac
     assert os.path.isdir(os.path.join(shared, "features")) and os.path.isdir(os.path.join(shared, "argmax"))
 
     # The folder loads through the registry as an EAGLE-3 drafter (a dynamic tree too).
-    drafter = build_drafter(first, v)
+    assert build_drafter(first, v).tree == "auto"  # the whole dynamic tree, cut per step by goodput control
+    drafter = build_drafter(first, v, tree="chain")
     assert isinstance(drafter, Eagle3Drafter) and drafter.tree == "chain"
     assert drafter.model.config.draft_vocab_size == 48 and drafter.hidden_layers == (1, 2, 2)
     # ... and decodes losslessly: greedy tokens equal transformers' greedy generate, as a chain and a tree.
@@ -93,7 +94,7 @@ def test_eagle3_trains_through_the_loop_loads_decodes_and_reuses_its_feature_cac
         prompt = prompt[:PROMPT_LEN + 2]
         ref = hf_greedy(v.model, prompt, 24, EOS)
         for d in (drafter, tree):
-            out = SpeculativeDecoder(v, d, num_draft_tokens=4).generate(prompt, max_new_tokens=24, eos_token_ids=[EOS])
+            out = SpeculativeDecoder(v, d, num_draft_tokens=4, control="fixed").generate(prompt, max_new_tokens=24, eos_token_ids=[EOS])
             assert out.token_ids == ref
             accepted += sum(out.stats.accepted_at)
     assert accepted > 0

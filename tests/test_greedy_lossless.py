@@ -2,7 +2,7 @@
 
 For every architecture and drafter (none, n-gram, the verifier itself as draft model, a noisy
 copy of the verifier that is right about half the time, an unrelated random model that is almost
-always wrong), every draft length and the adaptive draft-length controller, the new tokens must be
+always wrong), every draft length and goodput control, the new tokens must be
 exactly ``model.generate(do_sample=False)``'s. Also with an eos token in the middle of the
 continuation, where drafts run past the eos and the engine must cut there.
 """
@@ -69,33 +69,45 @@ class RecordingDrafter:
         self.inner.observe(num_accepted, emitted)
 
 
+class FlatCost:
+    """A verify cost that does not grow with the token count, and ignores what it observes."""
+
+    def __call__(self, q):
+        return 100.0  # ms: a drafter costs little beside it, as beside a real verifier
+
+    def observe(self, q, seconds):
+        pass
+
+
 CASES = [
     pytest.param(None, 4, False, id="plain"),
     pytest.param(None, 0, False, id="plain-k0"),
     pytest.param("ngram", 1, False, id="ngram-k1"),
     pytest.param("ngram", 3, False, id="ngram-k3"),
     pytest.param("ngram", 5, False, id="ngram-k5"),
-    pytest.param("ngram", 5, True, id="ngram-adaptive"),
+    pytest.param("ngram", 5, True, id="ngram-goodput"),
     pytest.param("self", 1, False, id="self-k1"),
     pytest.param("self", 3, False, id="self-k3"),
     pytest.param("self", 5, False, id="self-k5"),
-    pytest.param("self", 4, True, id="self-adaptive"),
+    pytest.param("self", 4, True, id="self-goodput"),
     pytest.param("noisy", 1, False, id="noisy-k1"),
     pytest.param("noisy", 3, False, id="noisy-k3"),
     pytest.param("noisy", 5, False, id="noisy-k5"),
-    pytest.param("noisy", 4, True, id="noisy-adaptive"),
+    pytest.param("noisy", 4, True, id="noisy-goodput"),
     pytest.param("other", 3, False, id="other-k3"),
     pytest.param("noisy_vocab", 3, False, id="noisy-draft-vocab-k3"),
 ]
 
 
-@pytest.mark.parametrize("kind,k,adaptive", CASES)
-def test_engine_matches_hf_greedy(arch, verifier, kind, k, adaptive):
+@pytest.mark.parametrize("kind,k,goodput", CASES)
+def test_engine_matches_hf_greedy(arch, verifier, kind, k, goodput):
     accepted = drafted = 0
     for prompt in PROMPTS:
         ref = list(reference(arch, prompt, N_NEW, EOS))
         drafter = make_drafter(kind, arch)
-        decoder = SpeculativeDecoder(verifier, drafter, num_draft_tokens=k, adaptive=adaptive)
+        # goodput: a flat verify cost (a GPU's), so drafts pay and acceptance is exercised
+        control = dict(control="goodput", cost=FlatCost()) if goodput else dict(control="fixed")
+        decoder = SpeculativeDecoder(verifier, drafter, num_draft_tokens=k, **control)
         out = decoder.generate(list(prompt), max_new_tokens=N_NEW, eos_token_ids=[EOS])
         assert out.token_ids == ref, f"prompt {prompt}: engine {out.token_ids} != HF greedy {ref}"
         assert out.prompt_ids == list(prompt)
@@ -111,7 +123,7 @@ def test_engine_matches_hf_greedy(arch, verifier, kind, k, adaptive):
             # The draft model is the verifier: every draft is accepted.
             acc = out.stats.acceptance_per_position
             assert acc and all(a == 1.0 for a in acc), acc
-            if not adaptive:
+            if not goodput:
                 assert len(acc) == k
                 if out.finish_reason == "length":
                     steps = expected_steps(N_NEW, k)
@@ -139,7 +151,7 @@ def test_eos_mid_draft(arch, verifier, kind, k):
     assert ref == full[: j + 1]  # HF stops at, and includes, the eos token
     drafter = make_drafter(kind, arch)
     recorder = RecordingDrafter(drafter) if drafter is not None else None
-    out = SpeculativeDecoder(verifier, recorder, num_draft_tokens=k).generate(
+    out = SpeculativeDecoder(verifier, recorder, num_draft_tokens=k, control="fixed").generate(
         list(prompt), max_new_tokens=30, eos_token_ids=[eos]
     )
     assert out.token_ids == ref
@@ -162,7 +174,7 @@ def test_default_eos_comes_from_the_verifier():
     v.model.generation_config.eos_token_id = full[j]
     v.model.config.eos_token_id = full[j]
     assert v.eos_token_ids == [full[j]]
-    out = SpeculativeDecoder(v, NgramDrafter(), num_draft_tokens=3).generate(prompt, max_new_tokens=20)
+    out = SpeculativeDecoder(v, NgramDrafter(), num_draft_tokens=3, control="fixed").generate(prompt, max_new_tokens=20)
     assert out.token_ids == full[: j + 1]
     assert out.finish_reason == "eos"
 
@@ -170,7 +182,7 @@ def test_default_eos_comes_from_the_verifier():
 def test_eos_as_first_token(verifier, arch):
     prompt = list(PROMPTS[2])
     first = reference(arch, PROMPTS[2], N_NEW, EOS)[0]
-    out = SpeculativeDecoder(verifier, NgramDrafter(), num_draft_tokens=3).generate(
+    out = SpeculativeDecoder(verifier, NgramDrafter(), num_draft_tokens=3, control="fixed").generate(
         prompt, max_new_tokens=N_NEW, eos_token_ids=[first]
     )
     assert out.token_ids == [first]
@@ -183,7 +195,7 @@ def test_short_max_new_tokens(arch, verifier, n):
     """The engine never drafts past max_new_tokens, and stops at exactly n tokens."""
     prompt = PROMPTS[0]
     ref = list(reference(arch, prompt, N_NEW, EOS))[:n]
-    out = SpeculativeDecoder(verifier, make_drafter("self", arch), num_draft_tokens=5).generate(
+    out = SpeculativeDecoder(verifier, make_drafter("self", arch), num_draft_tokens=5, control="fixed").generate(
         list(prompt), max_new_tokens=n, eos_token_ids=[EOS]
     )
     assert out.token_ids == ref
@@ -217,7 +229,7 @@ def test_smollm2_greedy_lossless(smollm2, kind):
             eos_token_id=eos, pad_token_id=v.tokenizer.pad_token_id if v.tokenizer.pad_token_id is not None else eos[0],
         )[0, len(prompt):].tolist()
         drafter = NgramDrafter() if kind == "ngram" else DraftModelDrafter(v.model, v.vocab_size)
-        out = SpeculativeDecoder(v, drafter, num_draft_tokens=4).generate(prompt, max_new_tokens=48, eos_token_ids=eos)
+        out = SpeculativeDecoder(v, drafter, num_draft_tokens=4, control="fixed").generate(prompt, max_new_tokens=48, eos_token_ids=eos)
         assert out.token_ids == ref, f"{text!r}:\n engine {v.decode(out.token_ids)!r}\n HF     {v.decode(ref)!r}"
         accepted += sum(out.stats.accepted_at)
         if kind == "self":
@@ -248,7 +260,7 @@ def test_hidden_states_given_to_drafter(arch, verifier):
     forward accepted, ending with the row that predicted the pending token; decoding stays lossless."""
     prompt = PROMPTS[0]
     drafter = HiddenStatesRecorder(make_drafter("noisy", arch))
-    out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=3).generate(
+    out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=3, control="fixed").generate(
         list(prompt), max_new_tokens=24, eos_token_ids=[EOS]
     )
     assert out.token_ids == list(reference(arch, prompt, N_NEW, EOS))[:24]

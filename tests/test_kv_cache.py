@@ -90,7 +90,7 @@ def test_engine_cache_after_rejections_equals_fresh_prefill(arch, verifier, monk
 
     monkeypatch.setattr(engine_mod, "new_cache", capturing_new_cache)
     drafter = DraftModelDrafter(noisy_model(arch), VOCAB)
-    out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=4).generate(PROMPT, max_new_tokens=30, eos_token_ids=[])
+    out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=4, control="fixed").generate(PROMPT, max_new_tokens=30, eos_token_ids=[])
     assert sum(out.stats.accepted_at) < sum(out.stats.drafted_at)  # there were rejections
     assert sum(out.stats.accepted_at) > 0  # and acceptances
     assert len(caches) == 1

@@ -617,7 +617,7 @@ def e2e_samples(kind: str, wrong: str | None = None, runs: int = E2E_RUNS):
     (a name in E2E_WRONG) the engine's speculative_sampling and tree_speculative_sampling are
     swapped for that wrong rule's for these runs."""
     verifier, _ = e2e_models()
-    decoder = SpeculativeDecoder(verifier, e2e_drafter(kind), num_draft_tokens=2)
+    decoder = SpeculativeDecoder(verifier, e2e_drafter(kind), num_draft_tokens=2, control="fixed")
     counts = torch.zeros((E2E_VOCAB,) * 3)
     drafted = accepted = 0
     real, real_tree = engine.speculative_sampling, engine.tree_speculative_sampling
@@ -717,7 +717,7 @@ def test_seeded_sampling_is_deterministic():
     sampling = SamplingParams(temperature=1.0)
 
     def run(seed):
-        dec = SpeculativeDecoder(verifier, DraftModelDrafter(draft, E2E_VOCAB), num_draft_tokens=2)
+        dec = SpeculativeDecoder(verifier, DraftModelDrafter(draft, E2E_VOCAB), num_draft_tokens=2, control="fixed")
         return dec.generate(list(E2E_PROMPT), max_new_tokens=24, sampling=sampling, seed=seed, eos_token_ids=[]).token_ids
 
     a, b = run(1234), run(1234)

@@ -61,7 +61,7 @@ def test_streaming_every_linear_keeps_logits_ties_names_and_greedy_output(arch):
         torch.testing.assert_close(model(ids[:, :8]).logits, before[:, :8], rtol=1e-4, atol=1e-5)
     v = Verifier(model=model, tokenizer=None, name=f"tiny-{arch}")
     for drafter in (NgramDrafter(), DraftModelDrafter(drafter_model, VOCAB)):
-        out = SpeculativeDecoder(v, drafter, num_draft_tokens=4).generate(prompt, max_new_tokens=30, eos_token_ids=[EOS])
+        out = SpeculativeDecoder(v, drafter, num_draft_tokens=4, control="fixed").generate(prompt, max_new_tokens=30, eos_token_ids=[EOS])
         assert out.token_ids == ref
 
 

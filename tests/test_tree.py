@@ -224,7 +224,7 @@ def test_greedy_tree_matches_hf(arch, kind, k):
             drafter = RandomTreeDrafter(noisy_model(arch), seed=s, corrupt=0.0)
         else:  # all random, and wide
             drafter = RandomTreeDrafter(None, seed=s, width=8)
-        out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=k).generate(list(prompt), max_new_tokens=N_NEW, eos_token_ids=[EOS])
+        out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=k, control="fixed").generate(list(prompt), max_new_tokens=N_NEW, eos_token_ids=[EOS])
         assert out.token_ids == ref, f"prompt {prompt}: engine {out.token_ids} != HF greedy {ref}"
         assert out.finish_reason == ("eos" if ref[-1] == EOS else "length")
         assert out.stats.emitted_in_steps == len(ref) - 1
@@ -254,7 +254,7 @@ def test_greedy_tree_eos_mid_path(arch):
     ref = list(reference(arch, prompt, 30, eos))
     assert ref == full[: j + 1]
     drafter = RandomTreeDrafter(verifier.model, seed=1, corrupt=0.0)
-    out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=5).generate(list(prompt), max_new_tokens=30, eos_token_ids=[eos])
+    out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=5, control="fixed").generate(list(prompt), max_new_tokens=30, eos_token_ids=[eos])
     assert out.token_ids == ref and out.finish_reason == "eos"
     # The spine drafted past the eos token, so the engine cut an accepted path at eos.
     assert any(eos in c.tokens.tolist() and n > 0 for c, n in zip(drafter.proposals, drafter.observed))
@@ -277,7 +277,7 @@ def test_medusa_tree_greedy_lossless(tree):
     for prompt in PROMPTS:
         ref = list(reference("llama", prompt, N_NEW, EOS))
         drafter = MedusaDrafter(heads, verifier, tree=tree)
-        out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=depth).generate(list(prompt), max_new_tokens=N_NEW, eos_token_ids=[EOS])
+        out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=depth, control="fixed").generate(list(prompt), max_new_tokens=N_NEW, eos_token_ids=[EOS])
         assert out.token_ids == ref, f"{tree}, prompt {prompt}"
         assert len(out.stats.drafted_at) == depth
         steps += out.stats.verify_steps
@@ -486,7 +486,7 @@ def e2e_verifier():
 @functools.lru_cache(maxsize=None)
 def e2e_tree_samples(deterministic: bool):
     verifier = e2e_verifier()
-    decoder = SpeculativeDecoder(verifier, SampledTreeDrafter(deterministic), num_draft_tokens=2)
+    decoder = SpeculativeDecoder(verifier, SampledTreeDrafter(deterministic), num_draft_tokens=2, control="fixed")
     sampling = SamplingParams(temperature=1.0)
     counts = torch.zeros((E2E_VOCAB,) * 3)
     accepted = torch.zeros(3)
@@ -543,10 +543,10 @@ def test_cache_after_tree_step_equals_fresh_prefill(arch, spine_slot):
         cache = new_cache(model)
         kw = cache_kwargs(model, cache)
         model(input_ids=torch.tensor([prompt]), **kw, use_cache=True)
-        emitted, n_acc, depth, hidden = decoder._tree_step(
+        emitted, path, depth, hidden = decoder._tree_step(
             cands, tokens, cache, kw, SamplingParams(), None, torch.device("cpu"), True
         )
-        assert (n_acc, depth) == (3, 3)
+        assert (len(path), depth) == (3, 3)
         assert emitted[:3] == chain
         accepted_seq = tokens + chain  # everything except the new pending token emitted[-1]
         fresh = new_cache(model)
@@ -588,7 +588,7 @@ def test_tree_hidden_states_given_to_drafter(arch):
     verifier = cached_verifier(arch)
     prompt = PROMPTS[2]
     drafter = RandomTreeDrafter(verifier.model, seed=3, hidden=True)
-    out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=3).generate(list(prompt), max_new_tokens=20, eos_token_ids=[EOS])
+    out = SpeculativeDecoder(verifier, drafter, num_draft_tokens=3, control="fixed").generate(list(prompt), max_new_tokens=20, eos_token_ids=[EOS])
     assert out.token_ids == list(reference(arch, prompt, N_NEW, EOS))[:20]
     for step, (tokens, hidden) in enumerate(drafter.contexts):
         with torch.no_grad():

@@ -71,9 +71,9 @@ def test_engine_uses_it_only_when_asked(monkeypatch):
     monkeypatch.setattr(engine, "typical_acceptance", spy)
     drafter = DraftModelDrafter(v.model, v.vocab_size)
     sampling = SamplingParams(temperature=1.0)
-    SpeculativeDecoder(v, drafter, num_draft_tokens=3).generate([3, 4, 5], max_new_tokens=12, sampling=sampling, seed=0, eos_token_ids=[])
+    SpeculativeDecoder(v, drafter, num_draft_tokens=3, control="fixed").generate([3, 4, 5], max_new_tokens=12, sampling=sampling, seed=0, eos_token_ids=[])
     assert calls == []  # default: exact speculative sampling
-    out = SpeculativeDecoder(v, drafter, num_draft_tokens=3, typical_acceptance={}).generate(
+    out = SpeculativeDecoder(v, drafter, num_draft_tokens=3, typical_acceptance={}, control="fixed").generate(
         [3, 4, 5], max_new_tokens=12, sampling=sampling, seed=0, eos_token_ids=[])
     assert calls and len(out.token_ids) == 12
     # The engine emits exactly the rule's accepted path and next token, step by step: the first

@@ -9,6 +9,7 @@ tree ``parents = [-1, 0, 1, ..., k-2]``. Nodes are topologically ordered (parent
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -76,3 +77,9 @@ class DraftContext:
     # forward accepted (after the prefill: every prompt token), ending with the row that
     # predicted the pending token.
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    # For drafters that draft level by level (chains, dynamic trees): ask before each level after
+    # the first, ``keep_going(depth, paths) -> bool``, with ``depth`` the level about to be drafted
+    # and ``paths`` the drafter's confidence scores down to each node it would expand. None: draft
+    # all ``num_draft_tokens`` levels (the engine's goodput control passes one).
+    keep_going: Callable[[int, list[list[float | None]]], bool] | None = None
+    levels_drafted: int = 0  # set by a level-by-level drafter: how many levels it ran (the engine times a level with it)

@@ -13,6 +13,11 @@ path is then moved into consecutive cache positions and the rest dropped. For tr
 ``k`` is the tree's depth, and the statistics count drafted = the tree's depth and accepted = the
 accepted path's length, so ``acceptance_per_position[d]`` is the fraction of steps whose
 accepted path reached depth d + 1.
+
+What is verified each step is chosen by goodput control (``goodput.py``, the default): the
+drafters' proposals (a hybrid drafter's parts, merged into one tree) are cut to the nodes worth
+their verify cost on this machine, possibly none, and a drafter that does not pay for its own time
+is not run. ``control="fixed"`` verifies every proposed node, for experiments.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 
 from ..errors import SpecHeadsError
 from .candidates import Candidates, DraftContext
-from .draft_length import AdaptiveDraftLength, FixedDraftLength
+from .goodput import Calibrator, GoodputController, Selection, merge
 from .kv_cache import cache_kwargs, keep_positions, new_cache, sliding_windows, truncate_cache
 from .metrics import DecodingStats
 from .sampling import SamplingParams, draw
@@ -36,6 +41,7 @@ from .verify import greedy_verify, greedy_verify_tree, speculative_sampling, tre
 
 # Attention implementations tested with the 4D masks of tree verification (tests/test_tree.py).
 TREE_ATTENTION = ("eager", "sdpa")
+CONTROLS = ("goodput", "fixed")
 
 
 @dataclass
@@ -61,19 +67,32 @@ class SpeculativeDecoder:
         drafter=None,
         *,
         num_draft_tokens: int = 4,
-        adaptive: bool = False,
+        control: str = "goodput",
+        cost=None,
         typical_acceptance: dict | None = None,
     ):
-        """``typical_acceptance``: None (default, lossless) or Medusa's LOSSY typical acceptance
+        """``num_draft_tokens``: the deepest draft (chain length or tree depth). ``control``:
+        ``"goodput"`` (default) lets ``goodput.GoodputController`` choose each step what to verify
+        (nothing, a prefix of a chain, the best part of a tree, which drafters of a hybrid run),
+        from running acceptance estimates and ``cost``, the verifier's forward cost per token count
+        (``cost(q) -> ms``, ``cost.observe(q, seconds)``; by default measured once per machine);
+        ``"fixed"`` verifies whatever the drafter proposes at ``num_draft_tokens``, for experiments.
+        ``typical_acceptance``: None (default, lossless) or Medusa's LOSSY typical acceptance
         for sampled decoding, e.g. ``{"posterior_threshold": 0.09, "posterior_alpha": 0.3}``."""
+        if control not in CONTROLS:
+            raise SpecHeadsError(f"control must be one of {', '.join(CONTROLS)}, got {control!r}")
         self.typical = typical_acceptance
         self.verifier = verifier
         self.model = verifier.model
         self.drafter = drafter
+        # A hybrid drafter is several drafters whose candidate trees are merged each step.
+        self.parts = [] if drafter is None else list(getattr(drafter, "parts", None) or [drafter])
         if num_draft_tokens < 0:
             raise SpecHeadsError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
         self.num_draft_tokens = num_draft_tokens
-        self.adaptive = adaptive
+        self.control = control
+        self._cost = cost
+        self._calibrator = Calibrator()  # what the drafters' confidence is worth: kept across prompts
         self._no_trees = self._check_tree_support(drafter) if drafter is not None else None
 
     def _check_tree_support(self, drafter) -> str | None:
@@ -144,14 +163,12 @@ class SpeculativeDecoder:
         if not sampling.greedy:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
-        drafter = self.drafter
-        wants_hidden = bool(drafter is not None and drafter.needs_hidden_states)
-        if drafter is None or self.num_draft_tokens == 0:
-            controller = FixedDraftLength(0)
-        elif self.adaptive:
-            controller = AdaptiveDraftLength(self.num_draft_tokens)
-        else:
-            controller = FixedDraftLength(self.num_draft_tokens)
+        parts = self.parts
+        wants_hidden = any(p.needs_hidden_states for p in parts)
+        drafting = bool(parts) and self.num_draft_tokens > 0
+        controller = None
+        if drafting and self.control == "goodput":
+            controller = GoodputController(self.cost_curve(), len(parts), calibrator=self._calibrator)
         stats = DecodingStats()
         start = time.perf_counter()
 
@@ -166,41 +183,54 @@ class SpeculativeDecoder:
             output_hidden_states=wants_hidden,
         )
         first, _ = draw(out.logits[0, -1], sampling, generator)
-        hidden = tuple(h[0] for h in self._declared(out.hidden_states)) if wants_hidden else None
+        # Per part, the verifier rows it has not read yet (a part skipped for some steps reads
+        # them all at its next proposal).
+        backlog = [[] for _ in parts]
+        if wants_hidden:
+            self._add_hidden(backlog, tuple(h[0] for h in self._declared_all(out.hidden_states)))
         tokens = prompt_ids + [first]
         new = [first]
         stats.prefill_s = time.perf_counter() - start
         _, finish = self._cut_at_stop([first], [], eos, stop_strings)
         if finish is None and len(new) >= max_new_tokens:
             finish = "length"
-        if drafter is not None:
-            drafter.start(prompt_ids)
+        for part in parts:
+            part.start(prompt_ids)
 
         while finish is None:
             # Never draft past max_new_tokens: a step emits at most k + 1 tokens.
-            k = min(controller.choose(), max_new_tokens - len(new) - 1)
+            k = min(self.num_draft_tokens, max_new_tokens - len(new) - 1) if drafting else 0
             t0 = time.perf_counter()
-            if drafter is not None and k > 0:
-                # A copy: a drafter that edits ctx.tokens must not change what the engine verifies.
-                cands = drafter.propose(DraftContext(list(tokens), k, sampling, generator, hidden))
-                cands = _clip(cands, k)
+            run = (controller.plan() if controller is not None else list(range(len(parts)))) if k > 0 else []
+            proposals, draft_s, levels = [], {}, {}
+            for i in run:
+                ts = time.perf_counter()
+                ctx = DraftContext(list(tokens), k, sampling, generator, self._take_hidden(backlog, i),
+                                   keep_going=controller.keep_going(i) if controller is not None else None)
+                # A copy of the tokens: a drafter that edits ctx.tokens must not change what the engine verifies.
+                proposals.append((i, _clip(parts[i].propose(ctx), k)))
+                draft_s[i], levels[i] = time.perf_counter() - ts, ctx.levels_drafted
+            if controller is not None:
+                sel = controller.select(proposals, draft_s, levels)
             else:
-                cands = Candidates.empty()
+                sel = _unselected(proposals)
+            cands = sel.candidates
             t1 = time.perf_counter()
             step = self._chain_step if cands.is_chain else self._tree_step
-            emitted, n_acc, drafted, step_hidden = step(cands, tokens, cache, cache_kw, sampling, generator, device, wants_hidden)
+            emitted, path, drafted, step_hidden = step(cands, tokens, cache, cache_kw, sampling, generator, device, wants_hidden)
             t2 = time.perf_counter()
+            if controller is not None:
+                controller.update(sel, path, t2 - t1)
             if wants_hidden:
-                hidden = step_hidden
+                self._add_hidden(backlog, step_hidden)
             kept, finish = self._cut_at_stop(emitted, new, eos, stop_strings)
             tokens.extend(kept)
             new.extend(kept)
-            stats.observe_step(drafted, n_acc, len(kept))
+            stats.observe_step(drafted, len(path), len(kept), nodes=len(cands))
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
-            controller.update(k, drafted, n_acc, t2 - t1, t1 - t0)
-            if drafter is not None:
-                drafter.observe(n_acc, kept)
+            for part in parts:
+                part.observe(len(path), kept)
             if finish is None and len(new) >= max_new_tokens:
                 finish = "length"
 
@@ -213,8 +243,8 @@ class SpeculativeDecoder:
     def _chain_step(self, cands: Candidates, tokens: list[int], cache, cache_kw, sampling, generator, device, wants_hidden):
         """Verify a chain (or nothing: plain decoding) in one plain causal forward.
 
-        Returns (emitted tokens, number of accepted drafts, number drafted, the hidden states of
-        the pending token and accepted drafts for the drafter, or None).
+        Returns (emitted tokens, the accepted nodes (a prefix), number drafted, the hidden states of
+        the pending token and accepted drafts for the drafters, or None).
         """
         step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)
         out = self.model(input_ids=step_ids[None], **cache_kw, use_cache=True, output_hidden_states=wants_hidden)
@@ -234,14 +264,14 @@ class SpeculativeDecoder:
         # Roll back: keep the pending token and the accepted drafts.
         truncate_cache(cache, len(tokens) + n_acc)
         emitted = cands.tokens[:n_acc].tolist() + [nxt]
-        hidden = tuple(h[0, : n_acc + 1] for h in self._declared(out.hidden_states)) if wants_hidden else None
-        return emitted, n_acc, len(cands), hidden
+        hidden = tuple(h[0, : n_acc + 1] for h in self._declared_all(out.hidden_states)) if wants_hidden else None
+        return emitted, list(range(n_acc)), len(cands), hidden
 
     def _tree_step(self, cands: Candidates, tokens: list[int], cache, cache_kw, sampling, generator, device, wants_hidden):
         """Verify a candidate tree in one forward with tree attention and fix the cache.
 
-        Returns (emitted tokens, number of accepted drafts, the tree's depth, the hidden states of
-        [root] + accepted path for the drafter, or None).
+        Returns (emitted tokens, the accepted path's nodes, the tree's depth, the hidden states of
+        [root] + accepted path for the drafters, or None).
         """
         if self._no_trees:  # a drafter that proposes trees without declaring proposes_trees
             raise SpecHeadsError(self._no_trees)
@@ -270,16 +300,56 @@ class SpeculativeDecoder:
         hidden = None
         if wants_hidden:
             idx = torch.tensor(rows, device=out.hidden_states[0].device)
-            hidden = tuple(h[0].index_select(0, idx) for h in self._declared(out.hidden_states))
+            hidden = tuple(h[0].index_select(0, idx) for h in self._declared_all(out.hidden_states))
         emitted = cands.tokens[path].tolist() + [nxt] if path else [nxt]
-        return emitted, len(path), tree_max_depth(parents), hidden
+        return emitted, path, tree_max_depth(parents), hidden
 
     # -- helpers ------------------------------------------------------------------------------
-    def _declared(self, hidden_states: tuple) -> tuple:
-        """The verifier layers the drafter declares (``hidden_layers``, indices into transformers'
-        ``hidden_states``), or all of them for a drafter that declares none."""
-        layers = getattr(self.drafter, "hidden_layers", None)
+    def _layers(self) -> list[int] | None:
+        """The verifier layers any part declares (``hidden_layers``, indices into transformers'
+        ``hidden_states``), or None (all of them) when a part declares none."""
+        wanted: list[int] = []
+        for p in self.parts:
+            if not p.needs_hidden_states:
+                continue
+            layers = getattr(p, "hidden_layers", None)
+            if layers is None:
+                return None
+            wanted += [i for i in layers if i not in wanted]
+        return wanted or None
+
+    def _declared_all(self, hidden_states: tuple) -> tuple:
+        layers = self._layers()
         return hidden_states if layers is None else tuple(hidden_states[i] for i in layers)
+
+    def _add_hidden(self, backlog: list[list], rows: tuple) -> None:
+        for i, part in enumerate(self.parts):
+            if part.needs_hidden_states:
+                backlog[i].append(rows)
+
+    def _take_hidden(self, backlog: list[list], i: int):
+        """Part i's unread rows, one tensor per layer it declares, and the backlog emptied."""
+        part = self.parts[i]
+        if not part.needs_hidden_states:
+            return None
+        rows, backlog[i] = backlog[i], []
+        layers = self._layers()
+        mine = getattr(part, "hidden_layers", None)
+        pick = list(range(len(rows[0]))) if mine is None or layers is None else [layers.index(l) for l in mine]
+        if len(rows) == 1:
+            return tuple(rows[0][j] for j in pick)
+        return tuple(torch.cat([r[j] for r in rows], 0) for j in pick)
+
+    def cost_curve(self):
+        """The verifier's forward cost per token count that goodput control reads: the one given,
+        or measured once per machine (cached) and kept for this decoder."""
+        if self._cost is None:
+            from .tree_budget import verify_cost
+            from .goodput import PointsCurve
+
+            ms, _ = verify_cost(self.model)
+            self._cost = PointsCurve(ms)
+        return self._cost
 
     def _cut_at_stop(self, emitted: list[int], new: list[int], eos: set, stop_strings) -> tuple[list[int], str | None]:
         """The emitted tokens up to and including the first eos token or completed stop string,
@@ -306,13 +376,25 @@ def _clip(cands: Candidates, k: int) -> Candidates:
     if len(cands) <= k:
         return cands
     if cands.is_chain:
-        probs = None if cands.draft_probs is None else cands.draft_probs[:k]
-        return Candidates.chain(cands.tokens[:k], probs)
+        from .goodput import subtree
+
+        return subtree(cands, list(range(k)))
     keep = clip_tree_depth(cands.parents, k)
     if len(keep) == len(cands):
         return cands
-    new_index = {old: new for new, old in enumerate(keep)}
-    parents = [-1 if p < 0 else new_index[p] for p in cands.parents[keep].tolist()]
-    idx = torch.tensor(keep, dtype=torch.long)
-    probs = None if cands.draft_probs is None else cands.draft_probs[idx.to(cands.draft_probs.device)]
-    return Candidates(cands.tokens[idx.to(cands.tokens.device)], torch.tensor(parents, dtype=torch.long), probs)
+    from .goodput import subtree
+
+    return subtree(cands, keep)
+
+
+def _unselected(proposals: list[tuple[int, Candidates]]) -> Selection:
+    """Fixed control: every proposed node is verified (several parts' trees merged into one)."""
+    proposals = [(i, c) for i, c in proposals if len(c)]
+    if not proposals:
+        return Selection(Candidates.empty(), [], [], [])
+    if len(proposals) == 1:
+        return Selection(proposals[0][1], [], [], [])
+    if any(c.draft_probs is not None for _, c in proposals):
+        raise SpecHeadsError("a hybrid drafter's parts sampled their drafts (draft_probs): sampled candidate sets cannot be merged")
+    merged, origins = merge(proposals)
+    return Selection(merged, origins, [], [])

@@ -19,14 +19,19 @@ class DecodingStats:
     drafted_at: list[int] = field(default_factory=list)  # [position] -> steps that drafted it
     accepted_at: list[int] = field(default_factory=list)  # [position] -> steps that accepted it
     new_tokens: int = 0
+    nodes_verified: int = 0  # candidate nodes verified, over all steps
+    plain_steps: int = 0  # verify steps with no candidate (goodput control chose none, or nothing was proposed)
     prefill_s: float = 0.0
     verify_s: float = 0.0  # time in verifier forwards of verify steps
     draft_s: float = 0.0  # time in the drafter
     total_s: float = 0.0
 
-    def observe_step(self, num_drafted: int, num_accepted: int, num_emitted: int) -> None:
+    def observe_step(self, num_drafted: int, num_accepted: int, num_emitted: int, nodes: int | None = None) -> None:
+        """``num_drafted``: the chain's length or the tree's depth; ``nodes``: the nodes verified (default: num_drafted)."""
         self.verify_steps += 1
         self.emitted_in_steps += num_emitted
+        self.nodes_verified += num_drafted if nodes is None else nodes
+        self.plain_steps += int(num_drafted == 0)
         while len(self.drafted_at) < num_drafted:
             self.drafted_at.append(0)
             self.accepted_at.append(0)
@@ -44,7 +49,7 @@ class DecodingStats:
                 self.accepted_at.append(0)
             self.drafted_at[i] += other.drafted_at[i]
             self.accepted_at[i] += other.accepted_at[i]
-        for name in ("new_tokens", "prefill_s", "verify_s", "draft_s", "total_s"):
+        for name in ("new_tokens", "nodes_verified", "plain_steps", "prefill_s", "verify_s", "draft_s", "total_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
@@ -65,12 +70,19 @@ class DecodingStats:
     def mean_draft_length(self) -> float:
         return sum(self.drafted_at) / self.verify_steps if self.verify_steps else 0.0
 
+    @property
+    def mean_nodes(self) -> float:
+        """Candidate nodes verified per step (plain steps count 0)."""
+        return self.nodes_verified / self.verify_steps if self.verify_steps else 0.0
+
     def to_dict(self) -> dict:
         return {
             "tau": self.tau,
             "acceptance_per_position": self.acceptance_per_position,
             "acceptance_rate": self.acceptance_rate,
             "mean_draft_length": self.mean_draft_length,
+            "mean_nodes": self.mean_nodes,
+            "plain_steps": self.plain_steps,
             "verify_steps": self.verify_steps,
             "new_tokens": self.new_tokens,
             "time_s": {"total": self.total_s, "prefill": self.prefill_s, "verify": self.verify_s, "draft": self.draft_s},

@@ -106,14 +106,21 @@ class DraftModelDrafter:
         logits = self._forward(tokens[common:])
         drafts: list[int] = []
         probs: list[torch.Tensor] = []
+        scores: list[float] = []  # the draft's probability of each token: goodput control's confidence
         for i in range(k):
+            if i and ctx.keep_going is not None and not ctx.keep_going(i + 1, [scores]):
+                break
             token, q = draw(logits, ctx.sampling, ctx.generator)
             if q is not None:
                 probs.append(q)
+                scores.append(float(q[token]))
+            else:
+                scores.append(float(torch.softmax(logits.float(), -1)[token]))
             drafts.append(token)
+            ctx.levels_drafted = i + 1
             if i + 1 < k:
                 logits = self._forward([token])
-        return Candidates.chain(drafts, torch.stack(probs) if probs else None)
+        return Candidates.chain(drafts, torch.stack(probs) if probs else None, scores=scores)
 
     def observe(self, num_accepted: int, emitted: list[int]) -> None:
         pass  # the next propose() re-synchronises the cache by common prefix

@@ -19,6 +19,7 @@ transformers loads.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -310,27 +311,31 @@ class Eagle3Drafter:
 
     Real rows (a verifier feature and the token the verifier emitted after it) are cached for the
     whole sequence; draft rows appended while proposing are dropped at the next proposal, where
-    the rows of the accepted tokens are recomputed from the verifier's true features.
+    the rows of the accepted tokens are recomputed from the verifier's true features. The cache is
+    preallocated and grown by doubling, and each drafting level is one forward over the frontier,
+    so a level costs a few small matmuls, not a copy of the cache.
+
+    ``tree``: ``"chain"``; an int N (or ``"dynN"``): the N best nodes of the dynamic tree; or
+    ``"auto"``: every node the tree expands (at most ``MAX_TREE_NODES``, best first), for the
+    engine's goodput control to choose from.
     """
 
     name = KIND
     needs_hidden_states = True
+    MAX_TREE_NODES = 64
 
-    def __init__(self, model: Eagle3Model, verifier, *, tree: str | int = "chain", top_k: int = 4):
+    def __init__(self, model: Eagle3Model, verifier, *, tree: str | int = "auto", top_k: int = 4):
         self.model = model.eval().to(verifier.device, verifier.dtype)
         self.model.requires_grad_(False)
         self.embed = verifier.model.get_input_embeddings()
         self.hidden_layers = tuple(model.config.aux_layer_ids)
         self.vocab_size = model.config.vocab_size
         self.draft_ids = model.draft_to_target()
+        self._draft_ids_list = self.draft_ids.tolist()
         if isinstance(tree, str) and tree not in ("chain", "auto"):
             if not (tree.startswith("dyn") and tree[3:].isdigit()):
                 raise SpecHeadsError(f"EAGLE-3 tree '{tree}': use chain, auto or dynN (a dynamic tree of N nodes, N >= 1)")
             tree = int(tree[3:])
-        if tree == "auto":
-            from ..decoding.tree_budget import choose_tree_size
-
-            tree = choose_tree_size(verifier, model)
         if isinstance(tree, int) and tree < 1:
             raise SpecHeadsError(f"tree budget {tree} must be >= 1 node")
         if top_k < 1:
@@ -342,50 +347,63 @@ class Eagle3Drafter:
 
     @property
     def detail(self) -> str:
-        return "chain" if self.tree == "chain" else f"dynamic tree of {self.tree} nodes (top-{self.top_k})"
+        if self.tree == "chain":
+            return "chain"
+        if self.tree == "auto":
+            return f"dynamic tree, top-{self.top_k} per level, size chosen per step"
+        return f"dynamic tree of {self.tree} nodes (top-{self.top_k})"
 
     def start(self, prompt_ids: list[int]) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * self.model.config.num_layers
-        self.values: list[torch.Tensor | None] = [None] * self.model.config.num_layers
+        n = self.model.config.num_layers
+        self.keys: list[torch.Tensor | None] = [None] * n
+        self.values: list[torch.Tensor | None] = [None] * n
+        self.length = 0  # rows held in the cache (real rows first, then this proposal's draft rows)
         self.n_real = 0
 
     # -- one forward over new rows ---------------------------------------------------------
+    def _reserve(self, i: int, k: torch.Tensor, v: torch.Tensor, extra: int) -> None:
+        """Room in layer i's cache for ``extra`` more rows (doubling, so appends are amortised O(1))."""
+        cur = self.keys[i]
+        need = self.length + extra
+        if cur is not None and cur.shape[2] >= need:
+            return
+        cap = max(64, need, 2 * (cur.shape[2] if cur is not None else 0))
+        keys = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+        values = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+        if cur is not None and self.length:
+            keys[:, :, : self.length] = cur[:, :, : self.length]
+            values[:, :, : self.length] = self.values[i][:, :, : self.length]
+        self.keys[i], self.values[i] = keys, values
+
     def _run(self, hidden: torch.Tensor, tokens: list[int], positions: list[int], visible: torch.Tensor | None) -> torch.Tensor:
         """Run rows (feature or parent output ``hidden`` [Q, H], their ``tokens``) through the layers,
-        appending their keys and values to the cache. ``visible`` [Q, cached] bool says which
+        appending their keys and values to the cache. ``visible`` [Q, length] bool says which
         cached rows each new row sees (None: all of them); new rows see themselves and, when
         ``visible`` is None, the new rows before them. Returns the pre-norm outputs [Q, H]."""
         device = hidden.device
-        ids = torch.tensor([tokens], device=device)
-        embeds = self.embed(ids).to(hidden.dtype)
-        pos = torch.tensor([positions], device=device)
-        cos, sin = self.model.rope(hidden, pos)
         Q = len(tokens)
+        embeds = self.embed(torch.tensor([tokens], device=device)).to(hidden.dtype)
+        cos, sin = self.model.rope(hidden, torch.tensor([positions], device=device))
+        start = self.length
+        if visible is None:
+            mask = None if start == 0 else torch.ones(Q, start + Q, dtype=torch.bool, device=device).tril(start)
+        else:
+            mask = torch.cat([visible, torch.eye(Q, dtype=torch.bool, device=device)], 1)
         x = hidden[None]
         for i, layer in enumerate(self.model.layer_stack):
-            cached = 0 if self.keys[i] is None else self.keys[i].shape[2]
-            if visible is None:
-                new = torch.ones(Q, Q, dtype=torch.bool, device=device).tril()
-                old = torch.ones(Q, cached, dtype=torch.bool, device=device)
-            else:
-                new = torch.eye(Q, dtype=torch.bool, device=device)
-                old = visible
-            mask = torch.cat([old, new], 1)
 
-            def attend(q, k, v, i=i, mask=mask):
-                if self.keys[i] is not None:
-                    k = torch.cat([self.keys[i], k], 2)
-                    v = torch.cat([self.values[i], v], 2)
-                self.keys[i], self.values[i] = k, v
+            def attend(q, k, v, i=i):
+                self._reserve(i, k, v, Q)
+                self.keys[i][:, :, start : start + Q] = k
+                self.values[i][:, :, start : start + Q] = v
                 att = layer.self_attn
-                return F.scaled_dot_product_attention(q, att.expand(k), att.expand(v), attn_mask=mask)
+                keys, values = self.keys[i][:, :, : start + Q], self.values[i][:, :, : start + Q]
+                return F.scaled_dot_product_attention(q, att.expand(keys), att.expand(values), attn_mask=mask,
+                                                      is_causal=mask is None and Q > 1)
 
             x = layer(embeds, x, cos, sin, attend)
+        self.length = start + Q
         return x[0]
-
-    def _crop(self, length: int) -> None:
-        self.keys = [None if k is None else k[:, :, :length] for k in self.keys]
-        self.values = [None if v is None else v[:, :, :length] for v in self.values]
 
     def _to_target(self, draft_logits: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [..., Vd] -> verifier-vocabulary logits, -inf outside it."""
@@ -399,8 +417,8 @@ class Eagle3Drafter:
             raise RuntimeError("Eagle3Drafter needs the verifier's hidden states")
         tokens = ctx.tokens
         n = len(tokens) - 1  # index of the pending token; real rows are 0 .. n - 1
-        self._crop(self.n_real)
-        fresh = n - self.n_real  # rows the verifier's last forward added
+        self.length = self.n_real  # drop the last proposal's draft rows
+        fresh = n - self.n_real  # rows the verifier produced since the last proposal
         aux = torch.cat([h[-fresh:] for h in ctx.hidden_states], -1)
         if aux.shape[0] != fresh:
             raise RuntimeError(f"EAGLE-3 drafter expected {fresh} new feature rows, got {aux.shape[0]}")
@@ -414,65 +432,83 @@ class Eagle3Drafter:
         return self._dynamic_tree(root, n, k, ctx)
 
     def _chain(self, hidden: torch.Tensor, n: int, k: int, ctx: DraftContext) -> Candidates:
-        drafts, probs = [], []
+        drafts, probs, scores = [], [], []
         for d in range(k):
-            logits = self._to_target(self.model.logits(hidden))
-            token, q = draw(logits, ctx.sampling, ctx.generator)
-            if q is not None:
+            if d and ctx.keep_going is not None and not ctx.keep_going(d + 1, [scores]):
+                break
+            logits = self.model.logits(hidden).float()
+            if ctx.sampling.greedy:
+                p = torch.softmax(logits, -1)
+                j = int(p.argmax())
+                token, score = self._draft_ids_list[j], float(p[j])
+            else:
+                token, q = draw(self._to_target(logits), ctx.sampling, ctx.generator)
                 probs.append(q)
+                score = float(q[token])
             drafts.append(token)
+            scores.append(score)
+            ctx.levels_drafted = d + 1
             if d + 1 < k:  # the row of the drafted token sits at position n + d
                 hidden = self._run(hidden[None], [token], [n + d], None)[0]
-        return Candidates.chain(drafts, torch.stack(probs) if probs else None)
+        return Candidates.chain(drafts, torch.stack(probs) if probs else None, scores=scores)
 
     def _dynamic_tree(self, root: torch.Tensor, n: int, depth: int, ctx: DraftContext) -> Candidates:
         """EAGLE-2: expand the top-k nodes by cumulative draft log-probability for ``depth``
-        levels, then keep the ``self.tree`` best nodes. A child never scores above its parent, so
-        the kept set is a connected tree. Tokens are chosen, not sampled (q one-hot per node),
-        which the tree rejection rule handles exactly at any temperature."""
-        budget, top_k = int(self.tree), self.top_k
-        tok: list[int] = []
-        parent: list[int] = []
-        score: list[float] = []
+        levels, then keep the best nodes (``self.tree`` of them, or all for goodput control). A
+        child never scores above its parent, so the kept set is a connected tree. Tokens are
+        chosen, not sampled (q one-hot per node), which the tree rejection rule handles exactly at
+        any temperature. Each node's score is its draft probability given its parent."""
+        top_k = self.top_k
+        device = root.device
         lp = torch.log_softmax(self.model.logits(root).float(), -1)
         v, i = lp.topk(min(top_k, lp.numel()))
-        ids = self.draft_ids[i].tolist()
-        frontier = []
-        for s, t in zip(v.tolist(), ids):
-            frontier.append(len(tok))
-            tok.append(t), parent.append(-1), score.append(s)
-        hidden_of = {node: root for node in frontier}  # the row a node's token is fed with
-        draft_row: dict[int, int] = {}  # node -> its cache row (offset past the real rows)
-        ancestors: dict[int, list[int]] = {node: [] for node in frontier}
+        tok = [self._draft_ids_list[j] for j in i.tolist()]
+        cum = v.tolist()
+        cond = v.exp().tolist()
+        parent = [-1] * len(tok)
+        path_scores = [[c] for c in cond]  # node -> draft probabilities down its path
+        frontier = list(range(len(tok)))
+        frontier_hidden = root[None].expand(len(frontier), -1)
+        # node -> the draft rows it sees once run: its ancestors' rows and its own
+        sees: dict[int, list[int]] = {}
+        ctx.levels_drafted = 1
         for level in range(1, depth):
-            Q = len(frontier)
-            base = self.n_real + len(draft_row)
-            visible = torch.zeros(Q, base, dtype=torch.bool, device=root.device)
+            if ctx.keep_going is not None and not ctx.keep_going(level + 1, [path_scores[f] for f in frontier]):
+                break
+            Q, base = len(frontier), self.length
+            visible = torch.zeros(Q, base, dtype=torch.bool, device=device)
             visible[:, : self.n_real] = True
             for r, node in enumerate(frontier):
-                for a in ancestors[node]:
-                    visible[r, self.n_real + draft_row[a]] = True
-            hid = torch.stack([hidden_of[node] for node in frontier])
-            out = self._run(hid, [tok[node] for node in frontier], [n + level - 1] * Q, visible)
-            for r, node in enumerate(frontier):
-                draft_row[node] = base - self.n_real + r
+                rows = sees.get(parent[node], [])
+                if rows:
+                    visible[r, rows] = True
+                sees[node] = rows + [base + r]
+            out = self._run(frontier_hidden, [tok[f] for f in frontier], [n + level - 1] * Q, visible)
             lp = torch.log_softmax(self.model.logits(out).float(), -1)  # [Q, Vd]
             v, i = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
-            cand = (torch.tensor([score[node] for node in frontier], device=v.device)[:, None] + v)
-            children = []
+            total = torch.tensor([cum[f] for f in frontier], device=v.device)[:, None] + v
+            first = len(tok)
+            kids_per = v.shape[1]
             for r, node in enumerate(frontier):
-                for s, t in zip(cand[r].tolist(), self.draft_ids[i[r]].tolist()):
-                    child = len(tok)
-                    tok.append(t), parent.append(node), score.append(s)
-                    hidden_of[child] = out[r]
-                    ancestors[child] = ancestors[node] + [node]
-                    children.append(child)
-            frontier = sorted(children, key=lambda c: -score[c])[:top_k]
+                for c, (s, j, lv) in enumerate(zip(total[r].tolist(), i[r].tolist(), v[r].tolist())):
+                    tok.append(self._draft_ids_list[j])
+                    parent.append(node)
+                    cum.append(s)
+                    p = math.exp(lv)
+                    cond.append(p)
+                    path_scores.append(path_scores[node] + [p])
+            children = torch.arange(first, len(tok))
+            best = total.flatten().topk(min(top_k, total.numel())).indices
+            frontier = children[best].tolist()
+            frontier_hidden = out[best // kids_per]
+            ctx.levels_drafted = level + 1
+        budget = self.MAX_TREE_NODES if self.tree == "auto" else int(self.tree)
         # Best `budget` nodes; ties keep the shallower (earlier) node so parents come first.
-        keep = sorted(sorted(range(len(tok)), key=lambda c: (-score[c], c))[:budget])
+        keep = sorted(sorted(range(len(tok)), key=lambda c: (-cum[c], c))[:budget])
         index = {old: new for new, old in enumerate(keep)}
         parents = [-1 if parent[c] < 0 else index[parent[c]] for c in keep]
-        return Candidates(torch.tensor([tok[c] for c in keep], dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+        return Candidates(torch.tensor([tok[c] for c in keep], dtype=torch.long), torch.tensor(parents, dtype=torch.long),
+                          scores=torch.tensor([cond[c] for c in keep], dtype=torch.float32))
 
     def observe(self, num_accepted: int, emitted: list[int]) -> None:
         pass  # the next propose() drops the draft rows and adds the accepted tokens' true rows
@@ -533,7 +569,7 @@ def load_eagle3_model(path, verifier=None) -> Eagle3Model:
     return model
 
 
-def load_eagle3_drafter(path, verifier, *, tree: str | int = "chain", draft_vocab: int = 0, top_k: int = 4, **_) -> Eagle3Drafter:
+def load_eagle3_drafter(path, verifier, *, tree: str | int = "auto", draft_vocab: int = 0, top_k: int = 4, **_) -> Eagle3Drafter:
     if draft_vocab:
         raise SpecHeadsError(f"--draft-vocab {draft_vocab} is for draft models; an EAGLE-3 drafter fixes its draft vocabulary "
                              "when it is trained (drafter.draft_vocab_size in the recipe)")

@@ -183,19 +183,15 @@ def best_tree(accuracy: list[list[float]], size: int) -> list[tuple[int, ...]]:
     return chosen
 
 
-# "auto": the tree for the device. On a CPU a verify forward grows with every token, and the
-# tree sweep here put the 3-node data-driven tree first (SmolLM2, 2 threads, 8 MT-Bench prompts,
-# `specheads bench --drafter <full Medusa drafter> --tree chain,auto3,auto4,auto6,auto8`: auto3
-# 1.11x, the 4-node chain 0.86x, auto8 0.77x; the quick drafter: auto3 1.05x, chain 1.01x). On a GPU a forward over 16 tokens costs about
-# what one over a single token does, so deeper, wider trees are free (Medusa uses 64 nodes on an
-# A100); 16 here is a conservative size, not a measurement. Drafters without recorded accuracy
-# get the preset of the same size.
-AUTO_TREE = {"cpu": ("auto3", "tree4"), "other": ("auto16", "tree16")}
+# "auto": a tree for goodput control to cut each step (the engine's default keeps only the nodes
+# worth their verify cost on this machine), so it can be generous: the best 16-node tree for the
+# heads' recorded accuracy, or the 16-node preset for heads trained before specheads recorded it.
+AUTO_TREE = ("auto16", "tree16")
 
 
 def device_tree(device_type: str, has_accuracy: bool) -> str:
-    """What ``--tree auto`` means on this device for these heads."""
-    data_driven, preset = AUTO_TREE["cpu" if device_type == "cpu" else "other"]
+    """What ``--tree auto`` means for these heads (the same on every device: goodput control sizes it)."""
+    data_driven, preset = AUTO_TREE
     return data_driven if has_accuracy else preset
 
 
@@ -267,12 +263,15 @@ class MedusaDrafter:
         # A chain shorter than the heads when the engine asks for fewer tokens.
         depth = min(ctx.num_draft_tokens, self.heads.config.num_heads)
         paths = [p for p in self.paths if len(p) <= depth]
-        ranks = logits[:depth].topk(self.max_rank, dim=-1).indices  # [depth, R]
-        ranked = self.heads.to_verifier_ids(ranks).tolist()
+        top = torch.softmax(logits[:depth].float(), -1).topk(self.max_rank, dim=-1)  # [depth, R]
+        ranked = self.heads.to_verifier_ids(top.indices).tolist()
+        probs = top.values.tolist()
         index = {p: i for i, p in enumerate(paths)}
         tokens = [ranked[len(p) - 1][p[-1]] for p in paths]
         parents = [index[p[:-1]] if len(p) > 1 else -1 for p in paths]
-        return Candidates(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+        # A head's probability is its confidence in the token whatever the path above it.
+        scores = [probs[len(p) - 1][p[-1]] for p in paths]
+        return Candidates(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), scores=torch.tensor(scores))
 
     def observe(self, num_accepted: int, emitted: list[int]) -> None:
         pass
