@@ -84,19 +84,17 @@ class Measurement:
             out[k] = (q3 - q1) / statistics.median(v)
         return out
 
-    def _worst_spread(self) -> str:
-        spread = self.spread
-        worst = max(spread, key=spread.get)
-        return f"spread up to {spread[worst]:.0%} ({self.label(worst)})"
-
     @property
     def refusal(self) -> str | None:
-        """Why this measurement must not be kept, or None."""
+        """Why this measurement must not be kept (naming the load and the spread), or None."""
         why = [self.busy] if self.busy else []
         if not self.stable:
-            why.append(f"the medians still moved {self.drift:.0%} in the last round after {self.rounds} rounds "
-                       f"({self.seconds:.0f} s)")
-        return "; ".join(why) + f" ({self._worst_spread()})" if why else None
+            why.append(f"the medians still moved {self.drift:.0%} in the last round after {self.rounds} rounds in {self.seconds:.0f} s")
+        if not why:
+            return None
+        spread = self.spread
+        worst = max(spread, key=spread.get)
+        return "; ".join(why) + f"; spread up to {spread[worst]:.0%} at {self.label(worst)}"
 
     def record(self) -> dict:
         """How it was measured, for the store."""
@@ -177,9 +175,9 @@ def time_rounds(keys: Iterable[Hashable], run: Callable[[Hashable], Any], *, pre
         if cpu_share is not None and cpu_share < MIN_CPU_SHARE:
             n = min(threads, cores)
             starved = (f"the process got {cpu_share:.0%} of the CPU time its {n} thread{'s' if n > 1 else ''} could use "
-                       f"while measuring (another process was running; load average before: "
-                       f"{'unknown' if load_before is None else f'{load_before:.2f}'} on {cores} cores)")
-            busy = f"{busy}; {starved}" if busy else starved
+                       "while measuring (another process was running")
+            load_said = "" if busy or load_before is None else f"; the load average before was {load_before:.2f} on {cores} cores"
+            busy = f"{busy}; {starved})" if busy else f"{starved}{load_said})"
     return Measurement(samples, rounds, seconds, drift if rounds > 1 else math.inf, stable, load_before, cores,
                        cpu_share, busy, label)
 

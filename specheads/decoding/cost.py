@@ -273,12 +273,17 @@ def cost_rows(model, curve: CostCurve, context: int = CONTEXT) -> list[dict]:
     return rows
 
 
+def _number(x: float) -> str:
+    """Three significant digits, without exponents for large values."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def format_rows(rows: list[dict], *, markdown: bool = False) -> str:
     """The rows of ``cost_rows`` as an aligned text table, or a markdown one."""
     head = ["q", "ms (fitted)", "ms (median)", "spread", "MB read", "GFLOP", "GB/s", "GFLOP/s"]
     body = [[str(r["q"]), f"{r['ms']:.1f}", "-" if r["measured_ms"] is None else f"{r['measured_ms']:.1f}",
-             "-" if r["spread"] is None else f"{r['spread']:.0%}", f"{r['mb_read']:.0f}", f"{r['gflop']:.2f}",
-             f"{r['gb_per_s']:.1f}", f"{r['gflop_per_s']:.1f}"] for r in rows]
+             "-" if r["spread"] is None else f"{r['spread']:.0%}",
+             *(_number(r[k]) for k in ("mb_read", "gflop", "gb_per_s", "gflop_per_s"))] for r in rows]
     if markdown:
         return "\n".join("| " + " | ".join(line) + " |" for line in [head, ["---"] * len(head), *body])
     width = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
