@@ -81,7 +81,8 @@ class Measurement:
         out = {}
         for k, v in self.samples.items():
             q1, _, q3 = statistics.quantiles(v, n=4) if len(v) > 1 else (v[0], v[0], v[0])
-            out[k] = (q3 - q1) / statistics.median(v)
+            median = statistics.median(v)
+            out[k] = (q3 - q1) / median if median > 0 else 0.0
         return out
 
     @property

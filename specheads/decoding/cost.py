@@ -14,6 +14,7 @@ each forward.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import statistics
 import sys
@@ -34,6 +35,10 @@ STORE = "verify_cost.json"
 __all__ = ["CONTEXT", "SIZES", "CostCurve", "Measurement", "fit_nondecreasing", "measure_verify_cost", "verify_cost_curve"]
 
 
+def _positive(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 def _problem(ms) -> str | None:
     """What makes ``ms`` ({q: milliseconds}) no cost curve, or None."""
     if not isinstance(ms, dict) or not ms:
@@ -41,7 +46,7 @@ def _problem(ms) -> str | None:
     for q, v in ms.items():
         if isinstance(q, bool) or not isinstance(q, int) or q < 1:
             return f"token count {q!r} is not an integer >= 1"
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        if not _positive(v):
             return f"q={q} has {v!r} ms, not a positive number"
     return None
 
@@ -68,7 +73,7 @@ def _interpolate(points: dict[int, float], q: int) -> float:
     if q >= qs[-1] and len(qs) > 1:
         a, b = qs[-2], qs[-1]
         slope = max(0.0, (points[b] - points[a]) / (b - a))
-        return points[b] + slope * (q - b)
+        return float(points[b] + slope * (q - b))
     return float(np.interp(q, qs, [points[k] for k in qs]))
 
 
@@ -110,7 +115,7 @@ class CostCurve:
 
     def observe(self, q: int, seconds: float) -> None:
         q = _tokens(q)
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+        if not _positive(seconds):
             raise SpecHeadsError(f"verify forward of q={q} tokens took {seconds!r} s: a duration must be a positive number")
         self._ratios.setdefault(q, deque(maxlen=self.WINDOW)).append(seconds * 1e3 / _interpolate(self.calibration, q))
         estimate: dict[int, float] = {}
