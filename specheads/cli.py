@@ -86,7 +86,8 @@ def _load_verifier(args, *, speculative: bool):
         store = cache_dir() / "cpu_linears.json"
         print("[specheads] CPU linears: choosing packed or streamed weights per token count (--cpu-linears packed skips this)",
               file=sys.stderr, flush=True)
-        rep = args.cpu_linears_report = tune_or_reuse(verifier.model, key, store, retune=args.cpu_linears == "retune")
+        rep = args.cpu_linears_report = tune_or_reuse(verifier.model, key, store, retune=args.cpu_linears == "retune",
+                                                      force=getattr(args, "force_store", False))
         ms = rep["forward_ms"]
         print("[specheads] CPU linears (%s): LM head streamed for %s tokens, other layers for %s; forward ms packed/best: %s" % (
             f"reused from {store}" if rep["reused"] else "measured now",
@@ -334,6 +335,75 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def run_calibrate(args) -> dict:
+    """Measure the CPU-linears choice and the verifier's cost per token count again, store them
+    (unless the machine was busy or the timings never settled, without --force) and print the
+    cost against the work of each forward."""
+    import os
+
+    import torch
+
+    from .decoding.cost import CONTEXT, cost_rows, format_rows, verify_cost_curve
+    from .machine_store import load_average
+
+    sizes = _parse_sizes(args.sizes, "--sizes")
+    if 0 in sizes:
+        raise SpecHeadsError(f"--sizes must be token counts >= 1, got '{args.sizes}'")
+    if args.max_seconds <= 0:
+        raise SpecHeadsError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    load, cores = load_average(), os.cpu_count() or 1
+    busy = load is not None and load > cores
+    print(f"[specheads] calibrate: 1-minute load average {'unknown' if load is None else f'{load:.2f}'} on {cores} cores"
+          + (": the machine is busy, so nothing measured now is stored" + (" (--force stores it anyway)" if not args.force_store else "")
+             if busy else ""), file=sys.stderr, flush=True)
+    if args.cpu_linears == "tune":
+        args.cpu_linears = "retune"  # calibrating means measuring again
+    verifier = _load_verifier(args, speculative=True)
+    curve = verify_cost_curve(verifier.model, remeasure=True, sizes=sizes, force=args.force_store, max_seconds=args.max_seconds)
+    rows = cost_rows(verifier.model, curve)
+    m = curve.measurement
+    threads = torch.get_num_threads()
+    title = (f"{verifier.name}, {args.dtype}, {verifier.device}, {threads} thread{'s' if threads > 1 else ''}, cache of {CONTEXT} tokens: "
+             f"{m.rounds} rounds in {m.seconds:.0f} s, load average {'unknown' if m.load is None else f'{m.load:.2f}'} on {m.cores} cores, "
+             + ("stored" if curve.source == "measured" else "NOT stored (see above)"))
+    print(title)
+    print(format_rows(rows))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"{title}\n\n{format_rows(rows, markdown=True)}\n")
+        print(f"markdown: {args.markdown}")
+    return {"title": title, "rows": rows, "curve": curve, "stored": curve.source == "measured",
+            "markdown": format_rows(rows, markdown=True)}
+
+
+def cmd_calibrate(args) -> int:
+    run_calibrate(args)
+    return 0
+
+
+CALIBRATE_DESCRIPTION = """\
+Measure again what specheads keeps per machine, for the given --verifier, --dtype, --device and
+--threads, and store it for later runs:
+
+  - on CPU, the CPU-linears choice (packed or streamed weights per token count; --cpu-linears
+    packed skips it), kept in cpu_linears.json in the specheads cache;
+  - the verifier's forward cost per token count q (on a cache of 256 tokens), which sizes
+    `--tree auto` and seeds the engine's cost model, kept in verify_cost.json.
+
+Each is timed in interleaved rounds until every median moves less than 3% per round (or
+--max-seconds run out), and the cost is fitted non-decreasing in q. Nothing is stored when the
+machine was busy (the 1-minute load average above the core count, or the process getting much
+less CPU time than its threads asked for) or the medians never settled: the message names the
+load and the spread. --force stores anyway, with a warning.
+
+The table: q; the fitted and the median ms; the spread (interquartile range over median); the MB
+read per forward (weights that multiply, once, plus the KV cache); GFLOP (2 x params x q plus
+attention over the cache); and the rates. Where ms barely grows with q and GB/s stays near the
+machine's memory bandwidth the forward is memory-bound (extra draft tokens are nearly free); where
+GFLOP/s stays flat and ms grows with q it is compute-bound.
+"""
+
+
 DEMO_RECIPES = {"eagle3": "recipes/smollm2_eagle3_quick.yaml", "medusa": "recipes/smollm2_medusa1_quick.yaml"}
 DEMO_NAMES = {"eagle3": "EAGLE-3 drafter", "medusa": "Medusa heads"}
 
@@ -496,6 +566,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("drafter", help="draft model directory")
     p.add_argument("--data", required=True, help="self-distilled dataset folder (e.g. runs/data/smollm2-full)")
     p.set_defaults(func=cmd_draft_vocab)
+
+    p = sub.add_parser("calibrate", help="measure the verifier's forward cost per token count and the CPU-linears choice again, store them, print the table",
+                       description=CALIBRATE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_verifier_args(p)
+    p.add_argument("--sizes", default=",".join(map(str, range(1, 65))), metavar="Q,Q,...",
+                   help="token counts q to time (default: 1 to 64)")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="time cap of the cost measurement; timings that have not "
+                   "settled by then are not stored (default: %(default)s)")
+    p.add_argument("--force", dest="force_store", action="store_true",
+                   help="store the measurements even when the machine was busy or they never settled (with a warning)")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as markdown to FILE")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="the embedded-default job: train an EAGLE-3 drafter for SmolLM2-135M, benchmark it, print the speedup",
                        description="Train a drafter for the embedded SmolLM2-135M verifier with a quick recipe (EAGLE-3 on teacher-forced "

@@ -7,7 +7,8 @@ GEMM layout on every call, so on a 2-core CPU a 4-token forward of SmolLM2 costs
 packs only the few rows of ``x`` and streams ``W``; there the 4-token forward costs about 1.2x.
 Which form wins depends on the CPU, the thread count and the row count, so ``tune_streaming``
 measures the model's own forward at each row count and keeps the faster form; nothing is
-assumed.
+assumed. The choice is kept per machine only when measured on a quiet machine
+(``specheads.machine_store``).
 
 A ``StreamedLinear`` shares its ``nn.Linear``'s parameters (tied embeddings stay tied) and
 streams only for CPU inputs whose row count is in its ``rows`` set. One-token forwards are never
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
-import time
 from typing import Iterable
 
 import torch
@@ -86,36 +85,39 @@ def _fill(chosen: list[int], measured: list[int]) -> list[int]:
 
 
 def tune_streaming(model: nn.Module, *, rows: Iterable[int] = (2, 3, 4, 5, 6, 8, 10, 12, 16), context: int = 128,
-                   repeats: int = 5, margin: float = 0.03) -> dict:
+                   margin: float = 0.03, **timing) -> dict:
     """Time the model's forward over ``rows`` new tokens after ``context`` cached ones with linears
-    packed (as torch does), the LM head streamed, and every linear streamed; keep for each row
-    count the fastest form (streaming must win by ``margin``). Returns what was chosen and measured.
+    packed (as torch does), the LM head streamed, and every linear streamed, interleaved in rounds
+    until the medians settle (``machine_store.time_rounds``; ``timing``: its options, e.g. the
+    timer, the load source, tolerance, max_seconds); keep for each row count the fastest form
+    (streaming must win by ``margin``). Returns what was chosen and measured, with ``refusal``:
+    why the choice must not be stored (a busy machine, medians that never settled), or None.
     Only for CPU models; a model on another device is left as it is.
     """
     from .decoding.kv_cache import cache_kwargs, new_cache, truncate_cache
+    from .machine_store import time_rounds
 
     device = next(model.parameters()).device
     if device.type != "cpu":
-        return {"device": str(device), "head_rows": [], "layer_rows": []}
+        return {"device": str(device), "head_rows": [], "layer_rows": [], "refusal": None}
     rows = sorted({int(r) for r in rows if int(r) >= 2})
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     past = torch.randint(0, vocab, (1, context), generator=gen)
+    ids = {q: torch.randint(0, vocab, (1, q), generator=gen) for q in rows}
     forms = {"packed": ((), ()), "head": (rows, ()), "all": (rows, rows)}
-    times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
         cache = new_cache(model)
-        model(input_ids=past, **cache_kwargs(model, cache), use_cache=True)
-        for _ in range(repeats):  # forms interleaved, so drift in machine load hits all alike
-            for form, (h, l) in forms.items():
-                stream_linears(model, h, l)
-                for q in rows:
-                    ids = torch.randint(0, vocab, (1, q), generator=gen)
-                    start = time.perf_counter()
-                    model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
-                    times.setdefault((form, q), []).append(time.perf_counter() - start)
-                    truncate_cache(cache, context)
-    median = {k: statistics.median(v) for k, v in times.items()}
+        kw = cache_kwargs(model, cache)
+        model(input_ids=past, **kw, use_cache=True)
+
+        def prepare(case):
+            truncate_cache(cache, context)
+            stream_linears(model, *forms[case[0]])
+
+        m = time_rounds([(f, q) for f in forms for q in rows], lambda case: model(input_ids=ids[case[1]], **kw, use_cache=True),
+                        prepare=prepare, label=lambda case: f"{case[0]} q={case[1]}", **timing)
+    median = m.medians
     head_rows, layer_rows = [], []
     for q in rows:
         packed = median[("packed", q)]
@@ -129,7 +131,17 @@ def tune_streaming(model: nn.Module, *, rows: Iterable[int] = (2, 3, 4, 5, 6, 8,
     return {
         "device": "cpu", "threads": torch.get_num_threads(), "head_rows": head_rows, "layer_rows": layer_rows,
         "forward_ms": {f: {q: round(median[(f, q)] * 1e3, 1) for q in rows} for f in forms},
+        "measurement": m.record(), "refusal": m.refusal,
     }
+
+
+def linears_key(model: nn.Module) -> str:
+    """Which linears stream for which row counts: what a forward's cost also depends on."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    streamed = {"head" if layer is head else "layers": sorted(layer.rows) for _, _, layer in _linears(model)
+                if isinstance(layer, StreamedLinear) and layer.rows}
+    return "linears=" + (",".join(f"{k}:{v[0]}-{v[-1]}" if v == list(range(v[0], v[-1] + 1)) else f"{k}:{'+'.join(map(str, v))}"
+                                  for k, v in sorted(streamed.items())) or "packed")
 
 
 def machine_key(model: nn.Module) -> str:
@@ -151,12 +163,40 @@ def machine_key(model: nn.Module) -> str:
     return f"{model_id}|{str(dtype).replace('torch.', '')}|threads={torch.get_num_threads()}|{cpu}|torch={torch.__version__}"
 
 
-def tune_or_reuse(model: nn.Module, key: str, store: str | os.PathLike, *, retune: bool = False) -> dict:
+def _check_choice(entry) -> str | None:
+    """What is wrong with a stored CPU-linears choice (None: usable)."""
+    if not isinstance(entry, dict) or "measurement" not in entry:
+        return "not a choice with its measurement record; an older specheads stored it"
+    for name in ("head_rows", "layer_rows"):
+        rows = entry.get(name)
+        if not isinstance(rows, list) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 2 for r in rows):
+            return f"{name} is {rows!r}, not a list of token counts >= 2"
+    if not set(entry["layer_rows"]) <= set(entry["head_rows"]):
+        return f"layer_rows {entry['layer_rows']} stream where the LM head does not ({entry['head_rows']})"
+    ms = entry.get("forward_ms")
+    if not isinstance(ms, dict) or set(ms) != {"packed", "head", "all"} or not all(isinstance(v, dict) and v for v in ms.values()):
+        return "forward_ms is not the packed / head / all timings"
+    bad = [(f, q, t) for f, v in ms.items() for q, t in v.items()
+           if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0]
+    if bad:
+        f, q, t = bad[0]
+        return f"forward_ms {f} q={q} is {t!r}, not a positive number of ms"
+    return None
+
+
+def tune_or_reuse(model: nn.Module, key: str, store: str | os.PathLike, *, retune: bool = False, force: bool = False,
+                  **timing) -> dict:
     """``tune_streaming`` once per ``key`` (see ``machine_key``), its choice kept in the json file
-    ``store``; later calls apply the stored choice without timing (``retune`` times again)."""
+    ``store`` when measured on a quiet machine (``force``: even when not, with a warning); later
+    calls apply the stored choice without timing (``retune`` times again). A stored choice that is
+    unreadable or malformed is measured again, with a message."""
     from .machine_store import measured_once
 
-    report, reused = measured_once(store, key, lambda: tune_streaming(model), refresh=retune)
+    def measure():
+        report = tune_streaming(model, **timing)
+        return {k: v for k, v in report.items() if k != "refusal"}, report["refusal"]
+
+    report, reused = measured_once(store, key, measure, refresh=retune, force=force, check=_check_choice, what="CPU-linears choice")
     if reused:  # a fresh tuning has already streamed the model's linears
         stream_linears(model, report["head_rows"], report["layer_rows"])
     return {**report, "reused": reused}

@@ -162,3 +162,45 @@ REPETITIVE_PROMPTS = (
 def greedy_reference(arch: str, prompt: tuple[int, ...], max_new_tokens: int, eos: int) -> tuple[int, ...]:
     """Hugging Face greedy output of the cached tiny verifier (cached across tests)."""
     return tuple(hf_greedy(cached_verifier(arch).model, list(prompt), max_new_tokens, eos))
+
+
+class FakeMachine:
+    """A machine whose forwards cost what the test says: a clock that a model's forwards advance by
+    ``true_ms(q)`` (q = the forward's token count) times ``slowdown``, with Gaussian noise of
+    relative size ``noise``, a forward ``outlier`` times slower with probability ``outliers``, and
+    ``drift`` multiplying the slowdown after each forward. The process gets ``cpu_share`` of the
+    wall time as CPU time; ``load`` is the 1-minute load average it reports. Pass ``timing()`` to
+    the measurement under test and ``attach(model)`` the model it times."""
+
+    def __init__(self, true_ms, *, noise=0.0, outliers=0.0, outlier=4.0, drift=1.0, cpu_share=1.0, load=0.1, seed=0):
+        import random
+
+        self.true_ms, self.noise, self.outliers, self.outlier = true_ms, noise, outliers, outlier
+        self.drift, self.cpu_share, self.load_value = drift, cpu_share, load
+        self.slowdown, self.now, self.cpu, self.forwards = 1.0, 0.0, 0.0, 0
+        self.rng = random.Random(seed)
+
+    def clock(self) -> float:
+        return self.now
+
+    def cpu_clock(self) -> float:
+        return self.cpu
+
+    def load(self) -> float:
+        return self.load_value
+
+    def timing(self) -> dict:
+        return {"timer": self.clock, "clock": self.clock, "load": self.load, "cpu_clock": self.cpu_clock}
+
+    def attach(self, model):
+        def advance(module, args, kwargs):
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            self.forwards += 1
+            ms = self.true_ms(ids.shape[-1]) * self.slowdown * max(0.05, 1 + self.rng.gauss(0, self.noise))
+            if self.rng.random() < self.outliers:
+                ms *= self.outlier
+            self.slowdown *= self.drift
+            self.now += ms / 1e3
+            self.cpu += ms / 1e3 * self.cpu_share * torch.get_num_threads()
+
+        return model.register_forward_pre_hook(advance, with_kwargs=True)

@@ -2,9 +2,9 @@
 
 A tree of n nodes is verified in one forward of n + 1 tokens. On a GPU that costs about what one
 token costs until the GPU fills; on a CPU it grows with every token. So the budget is measured,
-not assumed: the verifier's forward time per token count (on a cache of ``CONTEXT`` tokens) is
-timed once per model, dtype, thread count and device, and kept in ``verify_cost.json`` beside the
-other per-machine choices. The chosen n maximises
+not assumed: the verifier's forward time per token count comes from ``decoding.cost`` (measured
+once per model, dtype, thread count and device, kept only when the machine was quiet). The
+chosen n (at most one less than the largest token count measured) maximises
 
     (1 + E[accepted | n]) / t_verify(n + 1)
 
@@ -17,64 +17,14 @@ enter the choice.
 
 from __future__ import annotations
 
-import os
 import sys
-import time
-from pathlib import Path
+from typing import Callable
 
-import torch
+from .cost import CostCurve, verify_cost_curve
 
-SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
-CONTEXT = 256
 # Accuracy per step and rank assumed for a drafter that recorded none (an EAGLE-3 drafter after
 # light training on a small verifier: step 0 right a third of the time).
 FALLBACK_ACCURACY = [[0.35, 0.12, 0.06, 0.04], [0.45, 0.12, 0.05, 0.03], [0.5, 0.1, 0.05, 0.03], [0.5, 0.1, 0.05, 0.03], [0.5, 0.1, 0.05, 0.03]]
-
-
-def device_key(model) -> str:
-    from ..streamed_linear import machine_key
-
-    device = next(model.parameters()).device
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{machine_key(model)}|{where}"
-
-
-@torch.inference_mode()
-def measure_verify_cost(model, sizes=SIZES, context: int = CONTEXT, repeats: int = 5) -> dict[int, float]:
-    """Median milliseconds of one forward of q new tokens on a cache of ``context`` tokens."""
-    from .kv_cache import cache_kwargs, new_cache, truncate_cache
-
-    device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(0)
-    prefix = torch.randint(vocab, (1, context), generator=g).to(device)
-    cache = new_cache(model)
-    kw = cache_kwargs(model, cache)
-    model(input_ids=prefix, **kw, use_cache=True, logits_to_keep=1)
-    out = {}
-    for q in sizes:
-        ids = torch.randint(vocab, (1, q), generator=g).to(device)
-        times = []
-        for _ in range(repeats + 1):  # the first run warms up
-            _sync(device)
-            t0 = time.perf_counter()
-            model(input_ids=ids, **kw, use_cache=True)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            truncate_cache(cache, context)
-        out[q] = round(sorted(times[1:])[len(times[1:]) // 2] * 1e3, 2)
-    return out
-
-
-def verify_cost(model, store: str | os.PathLike | None = None, *, remeasure: bool = False) -> tuple[dict[int, float], bool]:
-    """(ms per token count, reused from the store?) for this model on this machine."""
-    from ..verifier import cache_dir
-
-    store = Path(store) if store is not None else cache_dir() / "verify_cost.json"
-    from ..machine_store import measured_once
-
-    cost, reused = measured_once(store, device_key(model), lambda: measure_verify_cost(model), refresh=remeasure)
-    return {int(q): ms for q, ms in cost.items()}, reused
 
 
 def step_accuracy(eval_metrics: dict | None) -> list[list[float]] | None:
@@ -93,21 +43,35 @@ def step_accuracy(eval_metrics: dict | None) -> list[list[float]] | None:
     return acc
 
 
-def expected_accepted(accuracy: list[list[float]], size: int) -> float:
+def _path_probabilities(accuracy: list[list[float]], size: int) -> list[float]:
+    """The acceptance probability of each node of the best ``size``-node tree, in the order the
+    greedy construction adds them (so the first n make the best n-node tree)."""
     from ..drafters.medusa import best_tree
 
-    total = 0.0
+    out = []
     for path in best_tree(accuracy, size):
         p = 1.0
         for depth, rank in enumerate(path):
             p *= accuracy[depth][rank]
-        total += p
-    return total
+        out.append(p)
+    return out
 
 
-def best_size(cost: dict[int, float], accuracy: list[list[float]]) -> tuple[int, dict[int, float]]:
-    """The node count with the most expected tokens per millisecond of verification, and that rate per size."""
-    rate = {n: (1 + expected_accepted(accuracy, n)) / cost[n + 1] for n in sorted(cost) if n + 1 in cost}
+def expected_accepted(accuracy: list[list[float]], size: int) -> float:
+    return sum(_path_probabilities(accuracy, size))
+
+
+def best_size(cost: Callable[[int], float] | dict[int, float], accuracy: list[list[float]], max_nodes: int | None = None) -> tuple[int, dict[int, float]]:
+    """The node count with the most expected tokens per millisecond of verification, and that rate
+    per size. ``cost``: a CostCurve (or {q: ms}); sizes up to ``max_nodes``, by default one less
+    than the largest token count the curve holds."""
+    curve = cost if isinstance(cost, CostCurve) else CostCurve(cost, source="given")
+    max_nodes = max_nodes or max(1, max(curve.points) - 1)
+    probs = _path_probabilities(accuracy, max_nodes)
+    rate, expected = {}, 0.0
+    for n in range(1, max_nodes + 1):
+        expected += probs[n - 1] if n <= len(probs) else 0.0  # a full tree gains nothing from more nodes
+        rate[n] = (1 + expected) / curve(n + 1)
     return max(rate, key=lambda n: (rate[n], -n)), rate
 
 
@@ -116,14 +80,10 @@ def choose_tree_size(verifier, drafter_model, *, depth: int = 5, quiet: bool = F
     record = getattr(drafter_model, "training_record", None) or {}
     accuracy = step_accuracy(record.get("eval")) or FALLBACK_ACCURACY
     accuracy = accuracy[:depth]
-    cost, reused = verify_cost(verifier.model)
-    n, rate = best_size(cost, accuracy)
+    curve = verify_cost_curve(verifier.model, quiet=quiet)
+    n, rate = best_size(curve, accuracy)
     if not quiet:
-        print(f"[specheads] tree size auto: {n} nodes (verify ms per token count {'reused' if reused else 'measured now'}: "
-              + ", ".join(f"q={q} {ms:.0f}" for q, ms in sorted(cost.items())) + ")", file=sys.stderr, flush=True)
+        shown = [q for q in sorted(curve.points) if q <= max(8, n + 1)]
+        print(f"[specheads] tree size auto: {n} nodes (verify ms per token count, {curve.source}: "
+              + ", ".join(f"q={q} {curve(q):.0f}" for q in shown) + ")", file=sys.stderr, flush=True)
     return n
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
