@@ -9,7 +9,8 @@ from .errors import SpecHeadsError
 
 DRAFTER_HELP = (
     "'ngram' (prompt lookup, training-free), 'none' (plain decoding), or a path: a specheads drafter "
-    "checkpoint (kind read from its config.json) or a plain Hugging Face model directory used as a draft model"
+    "checkpoint (kind read from its config.json) or a plain Hugging Face model directory used as a draft model; "
+    "A+B joins drafters into a hybrid whose candidate trees are merged each step (e.g. runs/x/drafter+ngram)"
 )
 
 
@@ -107,8 +108,9 @@ _OPTION_FLAGS = {"tree": "--tree", "draft_vocab": "--draft-vocab"}
 def _drafter_options(args, spec: str, kind: str | None = None) -> dict:
     """build_drafter's options for ``spec``. A lone drafter (``kind`` None) gets them all, as ever (so
     Medusa refuses --draft-vocab N); one of several only those its kind takes."""
-    options = {"max_ngram": args.ngram_max} if spec == "ngram" else {}
-    if spec not in ("ngram", "none", "plain"):
+    parts = str(spec).split("+")  # a hybrid's parts each take what their kind takes (build_drafter sorts them)
+    options = {"max_ngram": args.ngram_max} if "ngram" in parts else {}
+    if any(p not in ("ngram", "none", "plain", "suffix") and not p.startswith("suffix:") for p in parts):
         takes = SWEPT_OPTIONS.get(kind, tuple(_OPTION_FLAGS))
         options["trust_remote_code"] = args.trust_remote_code
         if "tree" in takes:

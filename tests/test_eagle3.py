@@ -194,39 +194,3 @@ def test_tree_budget_below_one_is_refused():
         Eagle3Drafter(random_drafter_model(v), v, tree="dyn0")
 
 
-def test_tree_budget_follows_the_verifier_cost():
-    """Flat verify cost (a GPU) makes a big tree pay; a cost that grows per token with a weak
-    drafter (this CPU) gives one node. (How the cost is measured and kept: tests/test_cost.py.)"""
-    from specheads.decoding.cost import CostCurve
-    from specheads.decoding.tree_budget import best_size, expected_accepted
-
-    acc = [[0.6, 0.2, 0.1, 0.05], [0.7, 0.15, 0.05, 0.03], [0.7, 0.15, 0.05, 0.03]]
-    assert expected_accepted(acc, 1) == pytest.approx(0.6)
-    assert expected_accepted(acc, 2) == pytest.approx(0.6 + 0.42)  # the chain's second node beats rank 1 at depth 1
-    flat = CostCurve({1: 10.0, 64: 10.0})
-    steep = {q: 10.0 * q for q in range(1, 66)}
-    assert best_size(flat, acc)[0] == 63  # every node adds a little, at no cost: as large as measured
-    assert best_size(flat, acc, max_nodes=20)[0] == 20
-    weak = [[0.2, 0.1, 0.05, 0.02], [0.1, 0.05, 0.02, 0.01]]
-    assert best_size(steep, weak)[0] == 1
-    # a verify cost flat up to 8 tokens, then steep: the budget fills the flat part and stops
-    knee = CostCurve({1: 40.0, 8: 41.0, 9: 60.0, 64: 400.0})
-    n, rate = best_size(knee, acc)
-    assert n == 7 and rate[7] == pytest.approx((1 + expected_accepted(acc, 7)) / knee(8))
-
-
-@pytest.mark.parametrize("points, nodes", [({1: 40.0, 4: 41.0, 5: 80.0, 64: 1000.0}, 3), ({1: 10.0, 64: 640.0}, 1)])
-def test_tree_auto_sizes_from_the_stored_cost(tmp_path, monkeypatch, capsys, points, nodes):
-    """--tree auto reads the curve stored for this verifier on this machine (no measurement)."""
-    import json
-
-    from specheads.decoding.cost import CONTEXT, SIZES, CostCurve, device_key
-
-    monkeypatch.setenv("SPECHEADS_CACHE", str(tmp_path))
-    v = cached_verifier("llama")
-    curve = CostCurve(points)
-    (tmp_path / "verify_cost.json").write_text(json.dumps(
-        {device_key(v.model): {"ms": {q: curve(q) for q in SIZES}, "context": CONTEXT, "measurement": {"stable": True}}}))
-    drafter = Eagle3Drafter(random_drafter_model(v), v, tree="auto")
-    assert drafter.tree == nodes
-    assert f"tree size auto: {nodes} nodes (verify ms per token count, stored" in capsys.readouterr().err

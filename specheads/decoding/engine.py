@@ -344,11 +344,9 @@ class SpeculativeDecoder:
         """The verifier's forward cost per token count that goodput control reads: the one given,
         or measured once per machine (cached) and kept for this decoder."""
         if self._cost is None:
-            from .tree_budget import verify_cost
-            from .goodput import PointsCurve
+            from .cost import verify_cost_curve
 
-            ms, _ = verify_cost(self.model)
-            self._cost = PointsCurve(ms)
+            self._cost = verify_cost_curve(self.model)
         return self._cost
 
     def _cut_at_stop(self, emitted: list[int], new: list[int], eos: set, stop_strings) -> tuple[list[int], str | None]:

@@ -26,7 +26,6 @@ sets (with ``draft_probs``) are never merged: one drafter's set is kept whole or
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +37,7 @@ SCORE_EDGES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9)
 MAX_DEPTH_KEY = 6  # depths beyond this share one estimate
 PRIOR_STRENGTH = 3.0  # pseudo-observations behind a prior
 PRIOR_NO_SCORE = 0.3  # a drafter without confidence scores (n-gram lookup) before any evidence
-DECAY = 0.995  # per observation of a key: old evidence fades over a few hundred observations
+DECAY = 0.97  # per observation of a key: old evidence fades over a few dozen observations
 
 
 def _bin(score: float | None) -> int:
@@ -136,7 +135,7 @@ class GoodputController:
     ``max_nodes``: the largest tree verified in one forward.
     """
 
-    PROBE_MAX = 64
+    PROBE_MAX = 16  # at most this many steps between tries: a try costs about a draft and one node
     NEGLIGIBLE = 0.02  # a relative goodput difference too small to act on
 
     def __init__(self, cost, num_sources: int, *, max_nodes: int = 64, calibrator: Calibrator | None = None):
@@ -145,6 +144,7 @@ class GoodputController:
         self.calibrator = calibrator or Calibrator()
         self.sources = [_SourceState() for _ in range(num_sources)]
         self.plain_steps = 0
+        self.probing: set[int] = set()
 
     # -- 1. plan --------------------------------------------------------------------------------
     def _seconds(self, q: int) -> float:
@@ -156,6 +156,7 @@ class GoodputController:
     def plan(self) -> list[int]:
         """The sources to run this step (empty: a plain step)."""
         run = []
+        self.probing: set[int] = set()  # sources tried again this step: one of their nodes is verified whatever it scores
         for i, s in enumerate(self.sources):
             if s.with_tokens.value is None:  # no evidence yet: try it
                 run.append(i)
@@ -171,6 +172,7 @@ class GoodputController:
             elif s.skipped + 1 >= s.probe_every:  # try again now and then: the text may have changed
                 s.probe_every = min(self.PROBE_MAX, s.probe_every * 2)
                 run.append(i)
+                self.probing.add(i)
         for i, s in enumerate(self.sources):
             s.skipped = 0 if i in run else s.skipped + 1
         if not run:
@@ -247,7 +249,14 @@ class GoodputController:
             rate = (1.0 + gained) / (spent + self._seconds(n + 1))
             if rate > best_rate:
                 best_n, best_rate = n, rate
-        keep = sorted(order[:best_n])
+        keep = order[:best_n]
+        # A probe verifies at least its source's best root child: without evidence a low estimate
+        # would never be revised.
+        for src in self.probing:
+            if not any(src in {o[0] for o in origins[v]} for v in keep):
+                first = [v for v in order if cands.parents[v] < 0 and src in {o[0] for o in origins[v]}]
+                keep = keep + first[:1]
+        keep = sorted(keep)
         sub = subtree(cands, keep)
         return best_rate, Selection(sub, [origins[v] for v in keep], [probs[v] for v in keep], [])
 
@@ -328,39 +337,3 @@ def subtree(cands: Candidates, keep: list[int]) -> Candidates:
     probs = None if cands.draft_probs is None else cands.draft_probs[idx.to(cands.draft_probs.device)]
     scores = None if cands.scores is None else cands.scores[idx]
     return Candidates(cands.tokens[idx.to(cands.tokens.device)], torch.tensor(parents, dtype=torch.long), probs, scores)
-
-
-class PointsCurve:
-    """A cost curve from measured points (ms per token count), interpolated, never decreasing, and
-    refined from observed forwards: the observed/predicted ratio is followed by a slow median-like
-    update so that a single outlier moves it little."""
-
-    def __init__(self, ms: dict[int, float]):
-        qs = sorted(ms)
-        run = []
-        for q in qs:  # non-decreasing
-            run.append(max(ms[q], run[-1] if run else 0.0))
-        self.points = dict(zip(qs, run))
-        self.scale = 1.0
-
-    def __call__(self, q: int) -> float:
-        qs = list(self.points)
-        if q in self.points:
-            return self.points[q] * self.scale
-        i = bisect.bisect_left(qs, q)
-        if i == 0:
-            return self.points[qs[0]] * self.scale
-        if i == len(qs):
-            a, b = (qs[-2], qs[-1]) if len(qs) > 1 else (qs[-1], qs[-1])
-            slope = 0.0 if a == b else (self.points[b] - self.points[a]) / (b - a)
-            return (self.points[b] + max(0.0, slope) * (q - b)) * self.scale
-        a, b = qs[i - 1], qs[i]
-        return (self.points[a] + (self.points[b] - self.points[a]) * (q - a) / (b - a)) * self.scale
-
-    def observe(self, q: int, seconds: float) -> None:
-        predicted = self(q) / self.scale
-        if predicted <= 0 or not math.isfinite(seconds):
-            return
-        ratio = seconds * 1e3 / predicted
-        # A step toward the observation, capped: outliers move the scale by at most 2%.
-        self.scale *= min(1.02, max(0.98, (ratio / self.scale) ** 0.05))

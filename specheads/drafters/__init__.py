@@ -105,6 +105,14 @@ def build_drafter(spec: str | None, verifier, **options) -> Drafter | None:
 
     if spec in (None, "none", "plain"):
         return None
+    if isinstance(spec, str) and "+" in spec:  # a hybrid: A+B+..., each part built as if alone
+        from .hybrid import HybridDrafter
+
+        names = [s.strip() for s in spec.split("+")]
+        if not all(names) or any(n in ("none", "plain") for n in names):
+            raise SpecHeadsError(f"hybrid drafter '{spec}': name two or more drafters joined by '+', e.g. runs/x/drafter+ngram "
+                                 "(paths may not contain '+')")
+        return HybridDrafter([build_drafter(n, verifier, **_options_for(n, options)) for n in names])
     if spec in BUILDERS:
         return BUILDERS[spec](verifier, **options)
     recover_directory(spec)  # a save killed between its renames leaves the previous folder aside
@@ -125,6 +133,13 @@ def build_drafter(spec: str | None, verifier, **options) -> Drafter | None:
             f"(known: {', '.join(CHECKPOINT_LOADERS) or 'none'})"
         )
     return CHECKPOINT_LOADERS[kind](spec, verifier, **options)
+
+
+def _options_for(spec: str, options: dict) -> dict:
+    """The options a hybrid's part takes: a lookup drafter takes only its own (n-gram sizes)."""
+    if spec in BUILDERS:
+        return {k: v for k, v in options.items() if k in ("max_ngram", "min_ngram")} if spec == "ngram" else {}
+    return {k: v for k, v in options.items() if k not in ("max_ngram", "min_ngram")}
 
 
 __all__ = ["BUILDERS", "CHECKPOINT_LOADERS", "DraftContext", "DraftModelDrafter", "Drafter", "NgramDrafter", "build_drafter", "register_checkpoint_kind"]
