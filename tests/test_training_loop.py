@@ -10,7 +10,7 @@ from test_medusa_training import counting_data, recipe, tiny_verifier
 
 from specheads.checkpoint import load_drafter_state
 from specheads.errors import SpecHeadsError
-from specheads.training import loop
+from specheads.training import loop, resume
 from specheads.training.loop import train
 
 
@@ -164,14 +164,14 @@ def test_a_checkpoint_without_fingerprint_is_refused(checkpointed, tmp_path):
 
 def test_a_setting_newer_than_the_checkpoint_at_its_default_is_no_change(checkpointed):
     out, _, _ = checkpointed
-    path, step, saved = loop._latest_checkpoint(str(out))
+    path, step, saved = resume.latest_checkpoint(str(out))
     fields = dict(saved["resume"]["values"])
     assert "training.batch_size" in fields and "training.output_dir" not in fields
     older = {**saved, "resume": {"hash": "older", "values": {k: v for k, v in fields.items() if k != "data.num_conversations"}}}
     if "data.num_conversations" in fields:
-        assert loop._check_resume(path, older, fields, force=False) == []
+        assert resume.check_resume(path, older, fields, force=False) == []
     with pytest.raises(SpecHeadsError, match=r"training.log_every: \(not set\) → 1"):
-        loop._check_resume(path, {**saved, "resume": {"hash": "x", "values": {k: v for k, v in fields.items() if k != "training.log_every"}}},
+        resume.check_resume(path, {**saved, "resume": {"hash": "x", "values": {k: v for k, v in fields.items() if k != "training.log_every"}}},
                            fields, force=False)
 
 
@@ -184,13 +184,13 @@ def test_damaged_checkpoints_are_skipped(tmp_path):
     root = out / "checkpoints"
     assert sorted(os.listdir(root)) == ["step-1", "step-2", "step-3"]
     warnings = []
-    assert loop._latest_checkpoint(str(out), warn=warnings.append)[1] == 3 and not warnings
+    assert resume.latest_checkpoint(str(out), warn=warnings.append)[1] == 3 and not warnings
     weights_file = root / "step-3" / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:-7])  # cut short
     (root / "step-2" / "trainer_state.json").write_text('{"step": 2, "hist')  # cut short
     os.makedirs(root / "step-9")  # a folder never published by save_checkpoint
     os.makedirs(root / ".step-4.tmp")  # a save killed before its rename
-    path, step, _ = loop._latest_checkpoint(str(out), warn=warnings.append)
+    path, step, _ = resume.latest_checkpoint(str(out), warn=warnings.append)
     assert step == 1, warnings
     assert len(warnings) == 3
     assert "model.safetensors is" in warnings[1] and "unreadable trainer_state.json" in warnings[2], warnings
