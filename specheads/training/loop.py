@@ -13,10 +13,15 @@ optimizer steps; each takes ``gradient_accumulation_steps`` micro-batches of ``b
 micro-batches of b give the same update as one batch of G*b.
 
 Resume: ``save_state`` checkpoints hold model, optimizer, scheduler and RNG states, written only
-between optimizer steps (no accumulated gradient is ever lost). The data order is a function of
-(seed, micro-batch number), so a resumed run skips the batches already seen and then sees exactly
-what an uninterrupted run would have. Each checkpoint records the recipe values this depends on
-(``resume.resume_fields``); ``--resume`` refuses a recipe that changed them.
+between optimizer steps (no accumulated gradient is ever lost), every ``save_every`` steps and at
+the last step. The data order is a function of (seed, micro-batch number), so a resumed run skips
+the batches already seen and then sees exactly what an uninterrupted run would have. Each
+checkpoint records the recipe values this depends on (``resume.resume_fields``); ``--resume``
+refuses a recipe that changed them. A finished run resumed with a larger ``max_steps`` (``--force``)
+continues from its last step, its learning rate following the re-stretched cosine schedule from
+there on (``_follow_schedule``): the weights are an uninterrupted longer run's exactly when the
+steps already taken did not depend on ``max_steps`` (all within the warmup). A run resumed at its
+last step trains nothing: it writes the drafter if it was killed before that, else it is refused.
 
 Several processes: each divides its loss by its share of the global count, so DDP's gradient
 average equals one process's gradient of the global batch. DDP averages gradients only after its
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import os
 import time
@@ -43,7 +49,7 @@ from ..atomic_files import atomic_directory, write_json_atomic
 from ..errors import SpecHeadsError
 from .batches import collate
 from .recipe import Recipe
-from .resume import CHECKPOINTS, check_resume, latest_checkpoint, resume_fields, resume_record, save_checkpoint
+from .resume import CHECKPOINTS, TRAINER_STATE, check_resume, latest_checkpoint, resume_fields, resume_record, save_checkpoint
 
 HISTORY_KEPT = 20  # history entries kept in checkpoints and in training_summary.json
 SUMMARY = "training_summary.json"
@@ -130,9 +136,23 @@ class TrainingRun:
         path, start, saved = found
         for change in check_resume(path, saved, self.fields, force):
             say(f"[specheads] --resume --force: accepted {change}")
-        if start >= t.max_steps:
-            raise SpecHeadsError(f"--resume: checkpoint {path} is at step {start}, not before training.max_steps={t.max_steps}: nothing left to train")
+        if start > t.max_steps or (start == t.max_steps and self._finished(path)):
+            raise SpecHeadsError(f"--resume: checkpoint {path} is at step {start}, not before training.max_steps={t.max_steps}: nothing left to train"
+                                 + (" (the run is finished; --resume --force with a larger training.max_steps continues it)" if start == t.max_steps else ""))
+        if start == t.max_steps:  # killed after its last checkpoint: only the drafter is left to write
+            say(f"[specheads] --resume: {path} is the last step; writing the drafter the run ends with")
         return found
+
+    def _finished(self, path: str) -> bool:
+        """Whether the run ending at checkpoint ``path`` wrote its drafter and summary (after it)."""
+        summary = os.path.join(self.t.output_dir, SUMMARY)
+        try:
+            with open(summary) as f:
+                steps = json.load(f).get("steps")
+            newer = os.path.getmtime(summary) >= os.path.getmtime(os.path.join(path, TRAINER_STATE))
+        except (OSError, ValueError, AttributeError):
+            return False
+        return steps == self.t.max_steps and newer and os.path.isdir(os.path.join(self.t.output_dir, "drafter"))
 
     def build(self, found: tuple[str, int, dict] | None) -> None:
         """Objective, optimizer and schedule, wrapped for the processes; a checkpoint's state on top."""
@@ -169,7 +189,9 @@ class TrainingRun:
     def restore(self, found: tuple[str, int, dict]) -> None:
         path, self.step, saved = found
         self.accelerator.load_state(path)
+        _follow_schedule(self.scheduler)
         self.history = list(saved.get("history") or [])
+        self.last_eval = dict(saved.get("last_eval") or {})  # the drafter of a run resumed at its last step records it
         self.accelerator.print(f"[specheads] resumed from {path} (step {self.step})")
 
     # -- the data order -------------------------------------------------------------------------
@@ -287,7 +309,7 @@ class TrainingRun:
     # -- the run --------------------------------------------------------------------------------
     def train(self) -> str:
         """Optimizer steps up to ``max_steps``, with logging, evaluation and checkpoints on their
-        cadence (logging and evaluation at the last step too); then the drafter."""
+        cadence and all three at the last step; then the drafter."""
         from tqdm.auto import tqdm
 
         t = self.t
@@ -304,7 +326,7 @@ class TrainingRun:
                 bar.set_postfix(loss=f"{self.log(step_loss, metrics, epoch):.3f}")
             if self.step % t.eval_every == 0 or last:
                 self.evaluate()
-            if self.step % t.save_every == 0 and not last:
+            if self.step % t.save_every == 0 or last:  # the last one lets a larger max_steps continue the run
                 self.save_checkpoint()
         bar.close()
         return self.save_drafter(time.perf_counter() - started)
@@ -325,7 +347,7 @@ class TrainingRun:
         self.module.train()
 
     def save_checkpoint(self) -> None:
-        state = {"step": self.step, "history": self.history[-HISTORY_KEPT:], "resume": resume_record(self.fields)}
+        state = {"step": self.step, "history": self.history[-HISTORY_KEPT:], "resume": resume_record(self.fields), "last_eval": self.last_eval}
         save_checkpoint(self.accelerator, self.objective, self.module, self.t.output_dir, self.step, state)  # resume.save_checkpoint
 
     def save_drafter(self, elapsed: float) -> str:
@@ -341,7 +363,7 @@ class TrainingRun:
             if t.lora is not None:
                 _save_tuned_verifier(acc, self.module, self.verifier, os.path.join(t.output_dir, "verifier"))
             self.objective.save(state, final, training={"steps": self.step, "train_seconds": elapsed, "eval": self.last_eval})
-            write_json_atomic(os.path.join(t.output_dir, SUMMARY), info)
+            write_json_atomic(os.path.join(t.output_dir, SUMMARY), info)  # last: _finished reads it
             acc.print(f"[specheads] trained {self.step} steps in {elapsed:.0f} s; peak memory " + ", ".join(f"{k} {v:.0f} MiB" for k, v in info["peak_memory"].items()))
             acc.print(f"[specheads] drafter checkpoint: {final}")
         acc.wait_for_everyone()
@@ -380,6 +402,15 @@ def _schedule(optimizer, t, num_groups: int):
     warm = t.lora.heads_warmup_steps
     lambdas = [base.lr_lambdas[0]] + [lambda s, w=warm: 0.0 if s < w else min(1.0, (s - w + 1) / max(1, t.warmup_steps)) for _ in range(num_groups - 1)]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def _follow_schedule(scheduler) -> None:
+    """Set the restored optimizer's learning rates from this run's schedule at the restored step.
+    They hold what the checkpoint's schedule gave, which a larger max_steps re-stretches: without
+    this the first resumed step would still use the old one (0 at the end of a finished cosine).
+    With the schedule unchanged this sets the same values."""
+    for group, base, lam in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * lam(scheduler.last_epoch)
 
 
 def _average_gradients(params: list, processes: int) -> None:
