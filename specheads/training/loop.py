@@ -348,7 +348,7 @@ class TrainingRun:
 
     def save_checkpoint(self) -> None:
         state = {"step": self.step, "history": self.history[-HISTORY_KEPT:], "resume": resume_record(self.fields), "last_eval": self.last_eval}
-        save_checkpoint(self.accelerator, self.objective, self.module, self.t.output_dir, self.step, state)  # resume.save_checkpoint
+        save_checkpoint(self.accelerator, self.objective, self.module, self.t.output_dir, self.step, state)  # resume's, via this module (tests interrupt it)
 
     def save_drafter(self, elapsed: float) -> str:
         """The drafter with its last held-out evaluation (Medusa's data-driven trees read it), the
