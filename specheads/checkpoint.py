@@ -3,160 +3,26 @@
 A checkpoint is a folder with ``config.json`` and ``model.safetensors``. ``config.json`` holds a
 ``specheads`` block: the drafter kind, its hyper-parameters, and the verifier it was trained for
 (name and fingerprint: vocabulary size, hidden size, a hash of the LM head). Loading checks the
-fingerprint against the verifier in hand. Writes go to a temporary sibling folder that is renamed
-into place, so a crash never leaves a half-written checkpoint that loads.
+fingerprint against the verifier in hand. Writes go through ``atomic_files.atomic_directory`` (a
+temporary sibling folder renamed into place), so a crash never leaves a half-written checkpoint that loads.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import re
-import tempfile
-import uuid
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic_files import atomic_directory, recover_directory
 from .errors import SpecHeadsError
+from .verifier import weights_sha256
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
-
-
-# Names of the sibling folders a write goes through: ".NAME.tmp-PID-RANDOM" (being written) and
-# ".NAME.old-PID-RANDOM" (the previous folder, moved aside for the instant between the two renames).
-# The PID says whether the writer still runs; the random part keeps a reused PID from colliding
-# with a stale folder. Older versions wrote ".NAME.tmp-RANDOM" and ".NAME.old-PID".
-_SIBLING = r"\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-[A-Za-z0-9_]+|(?P<legacy_pid>\d+)|[A-Za-z0-9_]+)"
-_IN_PROGRESS: set[str] = set()  # this process's own sibling folders, still in use
-
-
-def _umask() -> int:
-    try:  # Linux >= 4.7 reports it without changing it (os.umask is process-wide and racy)
-        for line in open("/proc/self/status"):
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _finish_tree(root: Path) -> None:
-    """Give every file and folder under root ordinary permissions (what open() and mkdir() give
-    under the umask: safetensors writes its files 0o600, mkdtemp its folder 0o700), then flush
-    them, so a folder renamed into place after a power loss never holds empty or partial files."""
-    umask = _umask()
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = Path(folder) / name
-            if path.is_symlink():
-                continue
-            os.chmod(path, (0o666 | (path.stat().st_mode & 0o111)) & ~umask)
-            _fsync_path(path)
-        os.chmod(folder, 0o777 & ~umask)
-        _fsync_path(Path(folder), directory=True)
-
-
-def _writer_alive(pid: int | None, path: Path) -> bool:
-    if pid is None or pid <= 0:
-        return False  # an older version's temp folder, or a name we did not write: no owner to wait for
-    if pid == os.getpid():
-        return str(path) in _IN_PROGRESS
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: a live process of another user
-        return True
-    return True
-
-
-def recover_directory(target: str | os.PathLike) -> None:
-    """Finish what an interrupted ``atomic_directory`` left next to ``target``.
-
-    A writer killed between its two renames leaves no ``target`` but the previous folder as
-    ``.NAME.old-*``: it is moved back. Other leftovers of dead writers (``.tmp-*`` folders, an
-    ``.old-*`` whose replacement landed) are removed. Folders of writers still running are left alone.
-    """
-    target = Path(target)
-    parent = target.parent
-    pattern = re.compile(re.escape(f".{target.name}") + _SIBLING + "$")
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return  # no parent folder: nothing to recover
-    stale = {"tmp": [], "old": []}
-    for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if not match or not entry.is_dir(follow_symlinks=False):
-            continue
-        path = parent / entry.name
-        pid = match["pid"] or match["legacy_pid"]
-        pid = int(pid) if pid else None
-        if not _writer_alive(pid, path):
-            stale[match["kind"]].append(path)
-    if stale["old"] and not os.path.lexists(target):
-        # Only the previous folder is known complete: a .tmp may have died mid-write.
-        newest = max(stale["old"], key=lambda p: p.stat().st_mtime)
-        os.replace(newest, target)
-        stale["old"].remove(newest)
-        _fsync_path(parent, directory=True)
-    for path in stale["tmp"] + stale["old"]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def atomic_directory(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)``, then move tmp_dir to ``target`` (replacing it), so that at every
-    instant either the previous folder or the complete new one is in place or recoverable.
-
-    The previous folder is renamed aside, the new one renamed in, the parent fsynced, and only then
-    the previous one deleted; a crash in between leaves it as ``.NAME.old-*``, which the next
-    save or load (``recover_directory``) moves back. Files are fsynced before the renames. Folders
-    get 0o777 and files 0o666 minus the umask (not mkdtemp's 0o700 or safetensors' 0o600), so
-    other users, such as a serving process, can read the checkpoint.
-    """
-    target = Path(target)
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    recover_directory(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=parent))
-    old = parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    _IN_PROGRESS.update((str(tmp), str(old)))
-    try:
-        write(tmp)
-        _finish_tree(tmp)
-        moved_aside = False
-        if os.path.lexists(target):
-            os.replace(target, old)
-            moved_aside = True
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if moved_aside and not os.path.lexists(target):
-                os.replace(old, target)  # put the previous folder back before reporting the failure
-            raise
-        _fsync_path(parent, directory=True)
-        if moved_aside:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        _IN_PROGRESS.difference_update((str(tmp), str(old)))
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def save_drafter(
@@ -281,8 +147,6 @@ def check_verifier(recorded: dict | None, verifier, path) -> None:
             "a different model (or different weights)"
         )
     if "weights_sha256" in recorded:
-        from .verifier import weights_sha256
-
         have = weights_sha256(verifier.model)
         if recorded["weights_sha256"] != have:
             raise SpecHeadsError(
@@ -295,6 +159,4 @@ def check_verifier(recorded: dict | None, verifier, path) -> None:
 
 def verifier_info(verifier) -> dict:
     """What a checkpoint records of its verifier: name, ``fingerprint()`` and a hash of every tensor."""
-    from .verifier import weights_sha256
-
     return {"name": verifier.name, **verifier.fingerprint(), "weights_sha256": weights_sha256(verifier.model)}

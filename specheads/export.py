@@ -34,7 +34,8 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CONFIG, WEIGHTS, atomic_directory, check_verifier, read_json_config
+from .atomic_files import atomic_directory
+from .checkpoint import CONFIG, WEIGHTS, check_verifier, read_json_config
 from .errors import SpecHeadsError
 
 TOKENIZER_FILES = (

@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from .checkpoint import atomic_directory
+from .atomic_files import atomic_directory
 from .errors import SpecHeadsError
 
 _LAYER_SPEC = re.compile(r"every:(\d+)|first:(\d+)|\d+(\s*,\s*\d+)*")

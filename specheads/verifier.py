@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .atomic_files import atomic_directory
 from .errors import SpecHeadsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -219,8 +220,6 @@ def converted_alias_dir(alias: str) -> Path:
     # Serving engines (vLLM) pick the model class from `architectures`, which GGUF loading leaves unset.
     model.config.architectures = [type(model).__name__]
     from safetensors.torch import save_file
-
-    from .checkpoint import atomic_directory
 
     def write(tmp: Path) -> None:
         # save_pretrained refuses models loaded through the GGUF quantizer, although the weights

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import cached_verifier, make_verifier
-from specheads import checkpoint
+from specheads import atomic_files
 from specheads.checkpoint import atomic_directory, check_verifier, load_drafter_state, recover_directory, verifier_info
 from specheads.drafters import build_drafter
 from specheads.drafters.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa
@@ -56,8 +56,8 @@ def crash_at(monkeypatch, step: int) -> None:
 
         return fake
 
-    monkeypatch.setattr(checkpoint.os, "replace", wrap(os.replace))
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", wrap(shutil.rmtree))
+    monkeypatch.setattr(atomic_files.os, "replace", wrap(os.replace))
+    monkeypatch.setattr(atomic_files.shutil, "rmtree", wrap(shutil.rmtree))
 
 
 # Steps of a save over an existing folder: 1 previous -> .old, 2 new -> target, 3 delete .old,
@@ -95,7 +95,7 @@ def test_a_failed_rename_leaves_the_previous_folder_in_place(tmp_path, monkeypat
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", flaky)
+    monkeypatch.setattr(atomic_files.os, "replace", flaky)
     with pytest.raises(OSError, match="No space"):
         atomic_directory(target, write_version(2))
     monkeypatch.undo()
@@ -178,7 +178,7 @@ def test_files_and_the_parent_folder_are_fsynced(tmp_path, monkeypatch):
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real(fd)
 
-    monkeypatch.setattr(checkpoint.os, "fsync", record)
+    monkeypatch.setattr(atomic_files.os, "fsync", record)
     atomic_directory(tmp_path / "drafter", write_version(1))
     monkeypatch.undo()
     names = {os.path.relpath(p, tmp_path) for p in synced}

@@ -153,10 +153,10 @@ def checkpoints(out: Path) -> set[str]:
 
 def assert_published_checkpoints_whole(out: Path) -> int | None:
     """Every step-N folder a killed run left is whole; returns the step --resume will continue from."""
-    from specheads.training.loop import _latest_checkpoint
+    from specheads.training.resume import latest_checkpoint
 
     skipped = []
-    found = _latest_checkpoint(str(out), warn=skipped.append)
+    found = latest_checkpoint(str(out), warn=skipped.append)
     assert not skipped, skipped
     steps = sorted(int(m.group(1)) for d in checkpoints(out) if (m := re.fullmatch(r"step-(\d+)", d)))
     for step in steps:  # older ones too: each is a complete checkpoint

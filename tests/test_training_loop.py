@@ -10,7 +10,7 @@ from test_medusa_training import counting_data, recipe, tiny_verifier
 
 from specheads.checkpoint import load_drafter_state
 from specheads.errors import SpecHeadsError
-from specheads.training import loop
+from specheads.training import loop, resume
 from specheads.training.loop import train
 
 
@@ -86,7 +86,7 @@ def test_resume_with_accumulation_matches_uninterrupted_run(tmp_path, monkeypatc
 
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory):
-    """A finished 4-step run with checkpoints at steps 2 (and none at 4, the end)."""
+    """A finished 4-step run (all in warmup: training.warmup_steps=5) with checkpoints at steps 2 and 4 (the end)."""
     out = tmp_path_factory.mktemp("run")
     v = tiny_verifier()
     data = (counting_data(32, 0), counting_data(8, 1))
@@ -117,7 +117,7 @@ def test_resume_refuses_a_changed_recipe_even_with_force(checkpointed, tmp_path,
     with pytest.raises(SpecHeadsError) as exc:
         resume_copy(checkpointed, tmp_path, override, force=force)
     message = str(exc.value)
-    assert named in message and "step-2" in message, message
+    assert named in message and "step-4" in message, message
     assert ("not even with --force" in message) == force
 
 
@@ -129,31 +129,42 @@ def test_resume_refuses_other_data(checkpointed, tmp_path):
               verifier=v, datasets=(counting_data(24, 0), data[1]), resume=True, progress=False)
 
 
-def test_force_accepts_a_longer_run_and_keeps_the_history(checkpointed, tmp_path):
+def test_force_accepts_a_longer_run_and_keeps_the_history(checkpointed, tmp_path, capsys):
+    """A finished run continues from its last step, not from its last save_every checkpoint; its
+    steps were all in warmup (their learning rate does not depend on max_steps), so the weights
+    are exactly those of an uninterrupted run to the larger max_steps."""
+    out, v, data = checkpointed
     longer = ("training.max_steps=6", "training.eval_every=3")
     with pytest.raises(SpecHeadsError, match=r"training.eval_every: 100 → 3; training.max_steps: 4 → 6. Rerun with --resume --force"):
         resume_copy(checkpointed, tmp_path, *longer)
     shutil.rmtree(tmp_path / "copy")
+    capsys.readouterr()
     final, copy = resume_copy(checkpointed, tmp_path, *longer, force=True)
-    assert os.path.isfile(os.path.join(final, "model.safetensors"))
+    assert f"resumed from {copy / 'checkpoints' / 'step-4'} (step 4)" in capsys.readouterr().out
     steps = [h["step"] for h in history(copy) if "loss" in h]
-    assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-2 come from the checkpoint's trainer state
-    assert [h["step"] for h in history(copy) if "eval/top1_head0" in h] == [3, 6]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-4 come from the checkpoint's trainer state
+    assert [h["step"] for h in history(copy) if "eval/top1_head0" in h] == [4, 6]  # 4: the first run's final evaluation
+    uninterrupted = train(recipe(tmp_path / "six", "training.max_steps=6", "training.save_every=2", "training.log_every=1", "training.eval_every=3"),
+                          verifier=v, datasets=data, progress=False)
+    assert_same_weights(final, uninterrupted)
 
 
 def test_force_needs_resume_and_a_finished_checkpoint_is_refused(checkpointed, tmp_path):
     out, v, data = checkpointed
     with pytest.raises(SpecHeadsError, match="--force only applies with --resume"):
         train(recipe(tmp_path, "training.max_steps=2"), verifier=v, datasets=data, force=True, progress=False)
-    with pytest.raises(SpecHeadsError, match="at step 2, not before training.max_steps=2"):
+    with pytest.raises(SpecHeadsError, match="at step 4, not before training.max_steps=2: nothing left to train$"):
         resume_copy(checkpointed, tmp_path, "training.max_steps=2", force=True)
+    shutil.rmtree(tmp_path / "copy")
+    with pytest.raises(SpecHeadsError, match=r"at step 4, not before training.max_steps=4: nothing left to train \(the run is finished"):
+        resume_copy(checkpointed, tmp_path)
 
 
 def test_a_checkpoint_without_fingerprint_is_refused(checkpointed, tmp_path):
     out, v, data = checkpointed
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    state_path = copy / "checkpoints" / "step-2" / "trainer_state.json"
+    state_path = copy / "checkpoints" / "step-4" / "trainer_state.json"
     state = json.loads(state_path.read_text())
     del state["resume"]
     state_path.write_text(json.dumps(state))
@@ -164,14 +175,14 @@ def test_a_checkpoint_without_fingerprint_is_refused(checkpointed, tmp_path):
 
 def test_a_setting_newer_than_the_checkpoint_at_its_default_is_no_change(checkpointed):
     out, _, _ = checkpointed
-    path, step, saved = loop._latest_checkpoint(str(out))
+    path, step, saved = resume.latest_checkpoint(str(out))
     fields = dict(saved["resume"]["values"])
     assert "training.batch_size" in fields and "training.output_dir" not in fields
     older = {**saved, "resume": {"hash": "older", "values": {k: v for k, v in fields.items() if k != "data.num_conversations"}}}
     if "data.num_conversations" in fields:
-        assert loop._check_resume(path, older, fields, force=False) == []
+        assert resume.check_resume(path, older, fields, force=False) == []
     with pytest.raises(SpecHeadsError, match=r"training.log_every: \(not set\) → 1"):
-        loop._check_resume(path, {**saved, "resume": {"hash": "x", "values": {k: v for k, v in fields.items() if k != "training.log_every"}}},
+        resume.check_resume(path, {**saved, "resume": {"hash": "x", "values": {k: v for k, v in fields.items() if k != "training.log_every"}}},
                            fields, force=False)
 
 
@@ -182,18 +193,63 @@ def test_damaged_checkpoints_are_skipped(tmp_path):
     out = tmp_path / "run"
     train(recipe(out, "training.max_steps=4", "training.save_every=1", "training.eval_every=100"), verifier=v, datasets=data, progress=False)
     root = out / "checkpoints"
-    assert sorted(os.listdir(root)) == ["step-1", "step-2", "step-3"]
+    assert sorted(os.listdir(root)) == ["step-1", "step-2", "step-3", "step-4"]
     warnings = []
-    assert loop._latest_checkpoint(str(out), warn=warnings.append)[1] == 3 and not warnings
-    weights_file = root / "step-3" / "model.safetensors"
+    assert resume.latest_checkpoint(str(out), warn=warnings.append)[1] == 4 and not warnings
+    weights_file = root / "step-4" / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:-7])  # cut short
-    (root / "step-2" / "trainer_state.json").write_text('{"step": 2, "hist')  # cut short
+    (root / "step-3" / "trainer_state.json").write_text('{"step": 3, "hist')  # cut short
     os.makedirs(root / "step-9")  # a folder never published by save_checkpoint
-    os.makedirs(root / ".step-4.tmp")  # a save killed before its rename
-    path, step, _ = loop._latest_checkpoint(str(out), warn=warnings.append)
-    assert step == 1, warnings
+    os.makedirs(root / ".step-5.tmp")  # a save killed before its rename
+    path, step, _ = resume.latest_checkpoint(str(out), warn=warnings.append)
+    assert step == 2, warnings
     assert len(warnings) == 3
     assert "model.safetensors is" in warnings[1] and "unreadable trainer_state.json" in warnings[2], warnings
+
+
+def test_a_run_killed_after_its_last_checkpoint_writes_its_drafter_on_resume(checkpointed, tmp_path, monkeypatch):
+    """The last checkpoint comes before the drafter: a run killed in between is resumed at its last
+    step, trains nothing, and writes the drafter and summary the uninterrupted run did."""
+    out, v, data = checkpointed
+    args = ("training.max_steps=4", "training.save_every=2", "training.log_every=1", "training.eval_every=100")
+    real = interrupt_after_save(monkeypatch, 4)
+    with pytest.raises(Interrupted):
+        train(recipe(tmp_path / "cut", *args), verifier=v, datasets=data, progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    assert not (tmp_path / "cut" / "drafter").exists()
+    resumed = train(recipe(tmp_path / "cut", *args), verifier=v, datasets=data, resume=True, progress=False)
+    assert_same_weights(out / "drafter", resumed, atol=0, rtol=0)
+    assert history(tmp_path / "cut") == history(out)
+    with pytest.raises(SpecHeadsError, match="nothing left to train"):
+        train(recipe(tmp_path / "cut", *args), verifier=v, datasets=data, resume=True, progress=False)
+
+
+def test_a_longer_run_follows_its_own_schedule_from_the_resumed_step(tmp_path):
+    """--resume --force training.max_steps=6 on a finished 4-step cosine run: the steps after the
+    resume use the 6-step schedule's learning rates, the first one included (the restored
+    optimizer holds the 4-step schedule's last rate, 0)."""
+    v = tiny_verifier()
+    data = (counting_data(32, 0), counting_data(8, 1))
+    args = ("training.warmup_steps=2", "training.save_every=100", "training.eval_every=100")
+    rates = []
+
+    def record(optimizer, args, kwargs):
+        if isinstance(optimizer, torch.optim.AdamW):
+            rates.append(optimizer.param_groups[0]["lr"])
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        train(recipe(tmp_path / "six", *args, "training.max_steps=6"), verifier=v, datasets=data, progress=False)
+        six, rates[:] = list(rates), []
+        train(recipe(tmp_path / "run", *args, "training.max_steps=4"), verifier=v, datasets=data, progress=False)
+        four, rates[:] = list(rates), []
+        train(recipe(tmp_path / "run", *args, "training.max_steps=6"), verifier=v, datasets=data, resume=True, force=True, progress=False)
+    finally:
+        hook.remove()
+    assert len(six) == 6 and len(four) == 4 and four[3] != six[3]  # the two schedules part after the warmup
+    assert rates == pytest.approx(six[4:], rel=1e-12) and rates[0] > 0
 
 
 def test_cli_train_passes_resume_and_force(tmp_path, monkeypatch):

@@ -52,10 +52,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 
+from ..atomic_files import TMP_PREFIX, write_json_atomic
 from ..errors import SpecHeadsError
 from ..prompts import load_prompts
 
@@ -65,7 +67,6 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 FORMAT = "specheads.self_distillation"
 FORMAT_VERSION = 1
-_TMP_PREFIX = ".tmp-"
 
 ROLE_ALIASES = {
     "user": "user", "human": "user", "prompter": "user",
@@ -191,12 +192,6 @@ def _read_manifest(output_dir: Path) -> dict | None:
     return manifest
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _shard_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / SHARDS
     if not root.is_dir():
@@ -209,7 +204,7 @@ def _clean_tmp(output_dir: Path) -> None:
     for root in (output_dir, output_dir / SHARDS):
         if root.is_dir():
             for p in root.iterdir():
-                if p.name.startswith(_TMP_PREFIX):
+                if p.name.startswith(TMP_PREFIX):
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -336,6 +331,56 @@ def _batch_seed(seed: int, ids: list[str]) -> int:
     return int(digest[:15], 16)
 
 
+class _Prompt(NamedTuple):
+    """A prompt to answer: its id, its text or turns, and its encoded ids."""
+
+    pid: str
+    prompt: str | list[dict]
+    ids: list[int]
+
+
+@dataclass
+class _Generation:
+    """How every batch of a run is answered (the settings the manifest records, and what they make)."""
+
+    verifier: Any
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    batch_size: int
+
+    def __post_init__(self):
+        self.max_context = self.verifier.max_context
+        self.pad_id = _pad_id(self.verifier)
+        self.config = _generation_config(self.verifier, self.max_new_tokens, self.temperature, self.top_p, self.pad_id)
+
+    @property
+    def settings(self) -> dict:
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p) if self.temperature > 0 else 1.0,
+            "seed": self.seed if self.temperature > 0 else None,  # greedy answers do not depend on the seed
+        }
+
+    def fits(self, ids: list[int]) -> bool:
+        return self.max_context is None or len(ids) + self.max_new_tokens <= self.max_context
+
+
+class _Processes:
+    """The processes answering together (one without an accelerator): shard c is process c mod N's."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.rank, self.world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+        self.is_main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+
+
 def generate_self_distillation(
     verifier,
     prompts: Iterable[str | Sequence[dict]] | str,
@@ -361,175 +406,225 @@ def generate_self_distillation(
     top-p, seeded per batch from ``seed``. Every process of ``accelerator`` must call this with the
     same arguments; each answers its share of the shards, and all return the whole folder.
     """
-    from datasets import Dataset
     from tqdm.auto import tqdm
 
     _check_settings(max_new_tokens, temperature, top_p, batch_size, shard_size, seed)
     if verifier.tokenizer is None:
         raise SpecHeadsError(f"verifier '{verifier.name}' has no tokenizer: self-distillation needs one to encode prompts")
+    prompts = _read_prompts(prompts)
+    output_dir = Path(output_dir)
+    gen = _Generation(verifier, max_new_tokens, temperature, top_p, seed, batch_size)
+    manifest = _open_folder(output_dir, _verifier_info(verifier), gen.settings)
+    procs = _Processes(accelerator)
+    if procs.is_main:
+        (output_dir / SHARDS).mkdir(parents=True, exist_ok=True)
+        _clean_tmp(output_dir)
+    procs.barrier()  # every process reads the folder only after the main process has cleaned it
+    done = _list_stored(output_dir, manifest, warn=procs.is_main)
+    if procs.is_main:
+        write_json_atomic(output_dir / MANIFEST, manifest)
+    procs.barrier()  # all have listed the same shards before any process writes a new one
+    stored = list(manifest["shards"])
+
+    todo = _not_yet_stored(prompts, done)
+    skipped = len(prompts) - len(todo)
+    mine = _my_shards(todo, shard_size, stored, procs)
+    stats = {"prompts": 0, "generated_tokens": 0, "generate_seconds": 0.0, "too_long": 0, "shards": []}
+    started = time.perf_counter()
+    desc = "self-distillation" if procs.world == 1 else f"self-distillation (process 0 of {procs.world})"
+    bar = tqdm(total=sum(len(chunk) for _, chunk in mine), disable=not (progress and procs.is_main), unit="prompt", desc=desc)
+    try:
+        for name, chunk in mine:
+            records = _answer_shard(gen, chunk, stats, bar)
+            if not records:
+                continue
+            _write_shard(output_dir / SHARDS, name, records)
+            stats["prompts"] += len(records)
+            stats["shards"].append({"name": name, "count": len(records)})
+            if procs.world == 1:  # keeps the manifest current during a long run; with several writers the main process lists all at the end
+                manifest["shards"].append(stats["shards"][-1])
+                manifest["count"] += len(records)
+                write_json_atomic(output_dir / MANIFEST, manifest)
+    finally:
+        bar.close()
+    stats["wall_seconds"] = time.perf_counter() - started
+    stats = _gather_stats(stats, procs)
+    if procs.is_main:
+        _close_manifest(output_dir, manifest, stored, stats, skipped, gen, procs.world)
+    procs.barrier()  # the manifest is complete before any process reads the folder back
+    _report(stats, manifest, skipped, gen.max_context, output_dir, show=progress and procs.is_main)
+    return load_self_distilled(output_dir)
+
+
+def _read_prompts(prompts) -> list:
     if isinstance(prompts, (str, os.PathLike)):
         prompts = load_prompts(str(prompts))
     prompts = [_check_prompt(p, i) for i, p in enumerate(prompts)]
     if not prompts:
         raise SpecHeadsError("no prompts to self-distil: the prompt list is empty")
+    return prompts
 
-    output_dir = Path(output_dir)
+
+def _open_folder(output_dir: Path, info: dict, settings: dict) -> dict:
+    """The folder's manifest, or a new one; a folder made by another verifier or with other
+    generation settings, or one that is not a self-distillation folder, is refused."""
     if output_dir.exists() and not output_dir.is_dir():
         raise SpecHeadsError(f"output_dir {output_dir} exists and is not a directory")
-    info = _verifier_info(verifier)
-    settings = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": float(temperature),
-        "top_p": float(top_p) if temperature > 0 else 1.0,
-        "seed": seed if temperature > 0 else None,  # greedy answers do not depend on the seed
-    }
     manifest = _read_manifest(output_dir)
     if manifest is None:
-        if output_dir.is_dir() and any(not p.name.startswith(_TMP_PREFIX) for p in output_dir.iterdir()):
+        if output_dir.is_dir() and any(not p.name.startswith(TMP_PREFIX) for p in output_dir.iterdir()):
             raise SpecHeadsError(f"output_dir {output_dir} is not empty and has no {MANIFEST}: refusing to write into it")
-        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "verifier": info, "generation": settings,
-                    "shards": [], "count": 0, "runs": []}
-    else:
-        old = manifest.get("verifier", {})
-        if not _same_verifier(old, info):
-            raise SpecHeadsError(
-                f"output_dir {output_dir} was made by verifier '{old.get('name')}' (fingerprint {old.get('fingerprint')}, "
-                f"tokenizer {old.get('tokenizer')}, eos {old.get('eos_token_ids')}), not by verifier '{info['name']}' "
-                f"(fingerprint {info['fingerprint']}, tokenizer {info['tokenizer']}, eos {info['eos_token_ids']}): "
-                f"use another output_dir"
-            )
-        if manifest.get("generation") != settings:
-            raise SpecHeadsError(
-                f"output_dir {output_dir} was generated with settings {manifest.get('generation')}, "
-                f"but this run asks for {settings}: use the same settings or another output_dir"
-            )
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    is_main = rank == 0
+        return {"format": FORMAT, "version": FORMAT_VERSION, "verifier": info, "generation": settings,
+                "shards": [], "count": 0, "runs": []}
+    old = manifest.get("verifier", {})
+    if not _same_verifier(old, info):
+        raise SpecHeadsError(
+            f"output_dir {output_dir} was made by verifier '{old.get('name')}' (fingerprint {old.get('fingerprint')}, "
+            f"tokenizer {old.get('tokenizer')}, eos {old.get('eos_token_ids')}), not by verifier '{info['name']}' "
+            f"(fingerprint {info['fingerprint']}, tokenizer {info['tokenizer']}, eos {info['eos_token_ids']}): "
+            f"use another output_dir"
+        )
+    if manifest.get("generation") != settings:
+        raise SpecHeadsError(
+            f"output_dir {output_dir} was generated with settings {manifest.get('generation')}, "
+            f"but this run asks for {settings}: use the same settings or another output_dir"
+        )
+    return manifest
 
-    def barrier():
-        if world > 1:
-            accelerator.wait_for_everyone()
 
-    if is_main:
-        (output_dir / SHARDS).mkdir(parents=True, exist_ok=True)
-        _clean_tmp(output_dir)
-    barrier()  # every process reads the folder only after the main process has cleaned it
-
-    # What is already stored (the shard folders are the truth; the manifest is rewritten to match).
+def _list_stored(output_dir: Path, manifest: dict, warn: bool) -> set[str]:
+    """The prompt ids already stored. The shard folders are the truth: the manifest's list is set to them."""
     done: set[str] = set()
-    shard_list = []
+    shards = []
     for path in _shard_dirs(output_dir):
         ids = _load_shard(path)["prompt_id"]
         done.update(ids)
-        shard_list.append({"name": path.name, "count": len(ids)})
-    listed = {s["name"] for s in manifest.get("shards", [])}
-    missing = listed - {s["name"] for s in shard_list}
-    if missing and is_main:
+        shards.append({"name": path.name, "count": len(ids)})
+    missing = {s["name"] for s in manifest.get("shards", [])} - {s["name"] for s in shards}
+    if missing and warn:
         logger.warning("shards listed in %s but missing on disk (their prompts are redone): %s", output_dir / MANIFEST, sorted(missing))
-    manifest["shards"], manifest["count"] = shard_list, sum(s["count"] for s in shard_list)
-    if is_main:
-        _write_json_atomic(output_dir / MANIFEST, manifest)
-    barrier()  # all have listed the same shards before any process writes a new one
+    manifest["shards"], manifest["count"] = shards, sum(s["count"] for s in shards)
+    return done
 
+
+def _not_yet_stored(prompts: list, done: set[str]) -> list[tuple[str, Any]]:
+    """(prompt_id, prompt) of each prompt not stored yet, repeats dropped, in input order."""
     todo, seen = [], set(done)
     for p in prompts:
         pid = prompt_id(p)
         if pid not in seen:
             seen.add(pid)
             todo.append((pid, p))
-    skipped_done = len(prompts) - len(todo)
-    next_index = 1 + max((int(s["name"].split("-")[1]) for s in shard_list), default=-1)
+    return todo
 
-    pad_id = _pad_id(verifier)
-    gen_config = _generation_config(verifier, max_new_tokens, temperature, top_p, pad_id)
-    max_context = verifier.max_context
+
+def _my_shards(todo: list, shard_size: int, stored: list[dict], procs: _Processes) -> list[tuple[str, list]]:
+    """(name, prompts) of this process's new shards. The name of shard c is fixed by c alone,
+    whichever process writes it, so the folder is the same for any number of processes."""
+    first = 1 + max((int(s["name"].split("-")[1]) for s in stored), default=-1)
+    chunks = [todo[start: start + shard_size] for start in range(0, len(todo), shard_size)]
+    return [(f"shard-{first + c:05d}", chunk) for c, chunk in enumerate(chunks) if c % procs.world == procs.rank]
+
+
+def _answer_shard(gen: _Generation, chunk: list, stats: dict, bar) -> list[dict]:
+    """The records of one shard's prompts, in input order; prompts that leave no room for
+    ``max_new_tokens`` in the verifier's context are counted and skipped."""
+    encoded = []
+    for pid, p in chunk:
+        ids = gen.verifier.encode(p)
+        if not gen.fits(ids):
+            stats["too_long"] += 1
+            continue
+        encoded.append(_Prompt(pid, p, ids))
+    bar.update(len(chunk) - len(encoded))
+    # Longest first, so batches pad little and the largest batch runs first.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].ids))
+    answers: dict[int, list[int]] = {}
+    for b in range(0, len(order), gen.batch_size):
+        rows = order[b: b + gen.batch_size]
+        t0 = time.perf_counter()
+        out = _answer_batch(gen, [encoded[i] for i in rows])
+        stats["generate_seconds"] += time.perf_counter() - t0
+        for i, ans in zip(rows, out):
+            answers[i] = ans
+            stats["generated_tokens"] += len(ans)
+        bar.update(len(rows))
+    return [_record(gen.verifier, item, answers[i]) for i, item in enumerate(encoded)]
+
+
+def _answer_batch(gen: _Generation, batch: list[_Prompt]) -> list[list[int]]:
+    """The verifier's answer ids to one batch of prompts. Sampling is seeded by the batch's prompts,
+    so a resumed or differently split run draws the same answers."""
+    seed = _batch_seed(gen.seed, [item.pid for item in batch]) if gen.temperature > 0 else None
+    return _generate_batch(gen.verifier, [item.ids for item in batch], gen.config, gen.pad_id, seed)
+
+
+def _record(verifier, item: _Prompt, answer: list[int]) -> dict:
+    """One stored conversation: the prompt's turns plus the answer, and its token ids."""
+    turns = [{"role": "user", "content": item.prompt}] if isinstance(item.prompt, str) else list(item.prompt)
+    return {
+        "prompt_id": item.pid,
+        "messages": turns + [{"role": "assistant", "content": verifier.decode(answer)}],
+        "input_ids": list(item.ids) + answer,
+        "prompt_length": len(item.ids),
+    }
+
+
+def _write_shard(folder: Path, name: str, records: list[dict]) -> None:
+    """Saved under a temporary name, then renamed: a shard exists complete or not at all."""
+    from datasets import Dataset
+
     features = _features()
-    stats = {"prompts": 0, "generated_tokens": 0, "generate_seconds": 0.0, "too_long": 0, "shards": []}
-    started = time.perf_counter()
-    # This process's shards; the name of shard c is fixed by c alone, whichever process writes it.
-    mine = [(c, todo[start: start + shard_size]) for c, start in enumerate(range(0, len(todo), shard_size)) if c % world == rank]
-    desc = "self-distillation" if world == 1 else f"self-distillation (process 0 of {world})"
-    bar = tqdm(total=sum(len(chunk) for _, chunk in mine), disable=not (progress and is_main), unit="prompt", desc=desc)
-    try:
-        for c, chunk in mine:
-            encoded = []
-            for pid, p in chunk:
-                ids = verifier.encode(p)
-                if max_context is not None and len(ids) + max_new_tokens > max_context:
-                    stats["too_long"] += 1
-                    continue
-                encoded.append((pid, p, ids))
-            bar.update(len(chunk) - len(encoded))
-            # Longest first, so batches pad little and the largest batch runs first.
-            order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][2]))
-            answers: dict[int, list[int]] = {}
-            for b in range(0, len(order), batch_size):
-                rows = order[b: b + batch_size]
-                batch_seed = _batch_seed(seed, [encoded[i][0] for i in rows]) if temperature > 0 else None
-                t0 = time.perf_counter()
-                out = _generate_batch(verifier, [encoded[i][2] for i in rows], gen_config, pad_id, batch_seed)
-                stats["generate_seconds"] += time.perf_counter() - t0
-                for i, ans in zip(rows, out):
-                    answers[i] = ans
-                    stats["generated_tokens"] += len(ans)
-                bar.update(len(rows))
-            if not encoded:
-                continue
-            records = {k: [] for k in features}
-            for i, (pid, p, ids) in enumerate(encoded):  # input order within the shard
-                turns = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-                answer_text = verifier.decode(answers[i])
-                records["prompt_id"].append(pid)
-                records["messages"].append(turns + [{"role": "assistant", "content": answer_text}])
-                records["input_ids"].append(list(ids) + answers[i])
-                records["prompt_length"].append(len(ids))
-            name = f"shard-{next_index + c:05d}"
-            tmp = output_dir / SHARDS / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-            with _quiet_datasets():
-                Dataset.from_dict(records, features=features).save_to_disk(str(tmp))
-            os.replace(tmp, output_dir / SHARDS / name)  # a shard exists complete or not at all
-            stats["prompts"] += len(encoded)
-            stats["shards"].append({"name": name, "count": len(encoded)})
-            if world == 1:  # keeps the manifest current during a long run; with several writers the main process lists all at the end
-                manifest["shards"].append(stats["shards"][-1])
-                manifest["count"] += len(encoded)
-                _write_json_atomic(output_dir / MANIFEST, manifest)
-    finally:
-        bar.close()
-    stats["wall_seconds"] = time.perf_counter() - started
-    if world > 1:
-        from accelerate.utils import gather_object
+    tmp = folder / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    with _quiet_datasets():
+        Dataset.from_dict({k: [r[k] for r in records] for k in features}, features=features).save_to_disk(str(tmp))
+    os.replace(tmp, folder / name)
 
-        every = gather_object([stats])
-        stats = {k: sum(s[k] for s in every) for k in ("prompts", "generated_tokens", "too_long")}
-        stats["shards"] = [shard for s in every for shard in s["shards"]]
-        stats["generate_seconds"] = max(s["generate_seconds"] for s in every)  # the processes ran side by side
-        stats["wall_seconds"] = max(s["wall_seconds"] for s in every)
-        barrier()
-    tps = stats["generated_tokens"] / stats["generate_seconds"] if stats["generate_seconds"] > 0 else 0.0
-    if is_main:
-        if world > 1:  # the shards found at the start plus every process's new ones, in name order
-            shard_list = sorted(shard_list + stats["shards"], key=lambda s: s["name"])
-            manifest["shards"], manifest["count"] = shard_list, sum(s["count"] for s in shard_list)
-        run = {
-            "prompts": stats["prompts"], "skipped_already_stored": skipped_done, "skipped_too_long": stats["too_long"],
-            "generated_tokens": stats["generated_tokens"], "generate_seconds": round(stats["generate_seconds"], 3),
-            "tokens_per_s": round(tps, 2), "wall_seconds": round(stats["wall_seconds"], 3), "batch_size": batch_size,
-            "num_processes": world, "dtype": str(verifier.dtype).replace("torch.", ""), "device": str(verifier.device),
-        }
-        manifest.setdefault("runs", []).append(run)
-        _write_json_atomic(output_dir / MANIFEST, manifest)
-    barrier()  # the manifest is complete before any process reads the folder back
+
+def _gather_stats(stats: dict, procs: _Processes) -> dict:
+    """Every process's counts summed, and its new shards listed (the processes ran side by side)."""
+    if procs.world == 1:
+        return stats
+    from accelerate.utils import gather_object
+
+    every = gather_object([stats])
+    total = {k: sum(s[k] for s in every) for k in ("prompts", "generated_tokens", "too_long")}
+    total["shards"] = [shard for s in every for shard in s["shards"]]
+    total["generate_seconds"] = max(s["generate_seconds"] for s in every)
+    total["wall_seconds"] = max(s["wall_seconds"] for s in every)
+    procs.barrier()
+    return total
+
+
+def _tokens_per_s(stats: dict) -> float:
+    return stats["generated_tokens"] / stats["generate_seconds"] if stats["generate_seconds"] > 0 else 0.0
+
+
+def _close_manifest(output_dir: Path, manifest: dict, stored: list[dict], stats: dict, skipped: int, gen: _Generation, world: int) -> None:
+    """The manifest lists every shard (in name order) and this run's counts and throughput."""
+    if world > 1:  # the shards found at the start plus every process's new ones
+        shards = sorted(stored + stats["shards"], key=lambda s: s["name"])
+        manifest["shards"], manifest["count"] = shards, sum(s["count"] for s in shards)
+    verifier = gen.verifier
+    manifest.setdefault("runs", []).append({
+        "prompts": stats["prompts"], "skipped_already_stored": skipped, "skipped_too_long": stats["too_long"],
+        "generated_tokens": stats["generated_tokens"], "generate_seconds": round(stats["generate_seconds"], 3),
+        "tokens_per_s": round(_tokens_per_s(stats), 2), "wall_seconds": round(stats["wall_seconds"], 3), "batch_size": gen.batch_size,
+        "num_processes": world, "dtype": str(verifier.dtype).replace("torch.", ""), "device": str(verifier.device),
+    })
+    write_json_atomic(output_dir / MANIFEST, manifest)
+
+
+def _report(stats: dict, manifest: dict, skipped: int, max_context, output_dir: Path, show: bool) -> None:
     message = (
-        f"self-distillation: {stats['prompts']} prompts answered ({skipped_done} already stored"
+        f"self-distillation: {stats['prompts']} prompts answered ({skipped} already stored"
         + (f", {stats['too_long']} skipped: prompt + max_new_tokens > context {max_context}" if stats["too_long"] else "")
-        + f"), {stats['generated_tokens']} tokens in {stats['generate_seconds']:.1f} s = {tps:.1f} tokens/s; "
+        + f"), {stats['generated_tokens']} tokens in {stats['generate_seconds']:.1f} s = {_tokens_per_s(stats):.1f} tokens/s; "
         f"{manifest['count']} records in {output_dir}"
     )
     logger.info(message)
-    if progress and is_main:
+    if show:
         print(f"[specheads] {message}", file=sys.stderr, flush=True)
-    return load_self_distilled(output_dir)
 
 
 def last_run_stats(output_dir: str | os.PathLike) -> dict | None:

@@ -31,7 +31,8 @@ import json
 
 import torch
 
-from ..checkpoint import CONFIG, FORMAT_VERSION, atomic_directory, verifier_info
+from ..atomic_files import atomic_directory
+from ..checkpoint import CONFIG, FORMAT_VERSION, verifier_info
 from ..draft_vocab import write_ranking
 from ..errors import SpecHeadsError
 from ..student import build_student
