@@ -27,10 +27,11 @@ import random
 import statistics
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
+
+from .atomic_files import write_json_atomic
 
 MIN_CPU_SHARE = 0.6
 
@@ -224,7 +225,5 @@ def measured_once(store: str | os.PathLike, key: str, measure: Callable[[], tupl
     known, _ = _read(store)  # another process may have written meanwhile
     known[key] = value
     store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.with_name(f".{store.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(known, indent=1))
-    os.replace(tmp, store)  # readers never see half a file
+    write_json_atomic(store, known)  # readers never see half a file
     return value, False
