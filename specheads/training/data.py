@@ -349,6 +349,9 @@ class _Generation:
     top_p: float
     seed: int
     batch_size: int
+    # (FeatureStore, aux layer ids, max_length): store each conversation's features as it is
+    # generated (training.features), cut to the length training will read
+    capture: tuple | None = None
 
     def __post_init__(self):
         self.max_context = self.verifier.max_context
@@ -394,6 +397,7 @@ def generate_self_distillation(
     shard_size: int = 64,
     progress: bool = True,
     accelerator=None,
+    capture: tuple | None = None,
 ):
     """Let the verifier answer ``prompts`` and store the conversations under ``output_dir``.
 
@@ -405,6 +409,8 @@ def generate_self_distillation(
     ``prompt_length``. Greedy when ``temperature`` is 0; otherwise sampled with temperature and
     top-p, seeded per batch from ``seed``. Every process of ``accelerator`` must call this with the
     same arguments; each answers its share of the shards, and all return the whole folder.
+    ``capture``: ``(FeatureStore, aux_layer_ids, max_length)`` to store the verifier's features of
+    each new conversation from the generation pass itself (EAGLE-3 training reads them).
     """
     from tqdm.auto import tqdm
 
@@ -413,7 +419,7 @@ def generate_self_distillation(
         raise SpecHeadsError(f"verifier '{verifier.name}' has no tokenizer: self-distillation needs one to encode prompts")
     prompts = _read_prompts(prompts)
     output_dir = Path(output_dir)
-    gen = _Generation(verifier, max_new_tokens, temperature, top_p, seed, batch_size)
+    gen = _Generation(verifier, max_new_tokens, temperature, top_p, seed, batch_size, capture)
     manifest = _open_folder(output_dir, _verifier_info(verifier), gen.settings)
     procs = _Processes(accelerator)
     if procs.is_main:
@@ -554,9 +560,20 @@ def _answer_shard(gen: _Generation, chunk: list, stats: dict, bar) -> list[dict]
 
 def _answer_batch(gen: _Generation, batch: list[_Prompt]) -> list[list[int]]:
     """The verifier's answer ids to one batch of prompts. Sampling is seeded by the batch's prompts,
-    so a resumed or differently split run draws the same answers."""
+    so a resumed or differently split run draws the same answers. With ``gen.capture`` the
+    generation's own forwards also give every conversation's features, which are stored."""
     seed = _batch_seed(gen.seed, [item.pid for item in batch]) if gen.temperature > 0 else None
-    return _generate_batch(gen.verifier, [item.ids for item in batch], gen.config, gen.pad_id, seed)
+    prompts = [item.ids for item in batch]
+    if gen.capture is None:
+        return _generate_batch(gen.verifier, prompts, gen.config, gen.pad_id, seed)
+    from .features import FeatureCapture, features_from_generation, tokens_key
+
+    store, aux_ids, max_length = gen.capture
+    with FeatureCapture(gen.verifier.model, aux_ids) as cap:
+        answers = _generate_batch(gen.verifier, prompts, gen.config, gen.pad_id, seed)
+    rows = features_from_generation(cap, max(map(len, prompts)), [len(p) for p in prompts], answers, max_length)
+    store.put([(tokens_key((p + a)[: len(aux)]), aux, last, argmax) for p, a, (aux, last, argmax) in zip(prompts, answers, rows)])
+    return answers
 
 
 def _record(verifier, item: _Prompt, answer: list[int]) -> dict:
