@@ -27,7 +27,7 @@ import torch
 from ..errors import SpecHeadsError
 from .candidates import Candidates, DraftContext
 from .draft_length import AdaptiveDraftLength, FixedDraftLength
-from .kv_cache import cache_kwargs, keep_positions, new_cache, sliding_windows, truncate_cache
+from .kv_cache import attention_layers, cache_kwargs, can_record_past, keep_positions, new_cache, record_for_rollback, truncate_cache
 from .metrics import DecodingStats
 from .sampling import SamplingParams, draw
 from .tree import clip_tree_depth, tree_attention_mask, tree_max_depth, tree_position_ids
@@ -36,6 +36,8 @@ from .verify import greedy_verify, greedy_verify_tree, speculative_sampling, tre
 
 # Attention implementations tested with the 4D masks of tree verification (tests/test_tree.py).
 TREE_ATTENTION = ("eager", "sdpa")
+# Layer types whose tree masks _tree_masks builds and whose caches keep_positions rearranges.
+TREE_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -74,19 +76,35 @@ class SpeculativeDecoder:
             raise SpecHeadsError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
         self.num_draft_tokens = num_draft_tokens
         self.adaptive = adaptive
+        self._layers = attention_layers(self.model)
         self._no_trees = self._check_tree_support(drafter) if drafter is not None else None
 
     def _check_tree_support(self, drafter) -> str | None:
-        """Tree steps need a cache whose every layer keeps every position (``keep_positions``) and
-        an attention that honours a 4D mask (eager and sdpa are tested with tree masks). A drafter
-        that declares ``proposes_trees`` is refused, or the verifier switched to sdpa, here rather
-        than at its first tree; for others, the reason a tree step would be refused, or None."""
+        """Tree steps need every layer to be full or sliding-window attention (``_tree_masks`` builds
+        their masks, ``keep_positions`` moves their keys and values), a transformers that can roll
+        a sliding-window cache back (``kv_cache.record_for_rollback``) and an attention that honours
+        a 4D mask (eager and sdpa are tested with tree masks). Sliding-window verifiers (Mistral,
+        Gemma-2, Gemma-3) then verify trees inside and past their window alike: their layers keep
+        the positions the tree needs and their masks are cut to the window, so nothing falls back
+        to chains. A drafter that declares ``proposes_trees`` is refused, or the verifier switched
+        to sdpa, here rather than at its first tree; for others, the reason a tree step would be
+        refused, or None."""
         trees = bool(getattr(drafter, "proposes_trees", False))
         who = f"verifier '{getattr(self.verifier, 'name', type(self.model).__name__)}'"
-        windows = sliding_windows(self.model)
-        if windows:
-            why = (f"{who} has sliding-window attention (window {windows[0]} tokens), whose cache drops positions that "
-                   f"tree verification must keep: drafter '{drafter.name}' proposes candidate trees; use a chain (e.g. --tree chain)")
+        use_chain = f"drafter '{drafter.name}' proposes candidate trees; use a chain (e.g. --tree chain)"
+        other = [(t, w) for t, w in self._layers if t not in TREE_LAYER_TYPES]
+        windows = sorted({w for t, w in self._layers if t == "sliding_attention"})
+        why = None
+        if other:
+            kind, span = other[0]
+            span = "" if span is None else f" (chunks of {span} tokens)" if kind == "chunked_attention" else f" (window {span} tokens)"
+            why = f"{who} has '{kind}' layers{span}, whose masks or cache tree verification cannot build or rearrange: {use_chain}"
+        elif windows and not can_record_past():
+            import transformers
+
+            why = (f"{who} has sliding-window attention (window {windows[0]} tokens), and transformers {transformers.__version__} "
+                   f"cannot keep the positions a tree step rolls back past the window (no Cache.activate_past_recording): {use_chain}")
+        if why:
             if trees:
                 raise SpecHeadsError(why)
             return why
@@ -217,6 +235,7 @@ class SpeculativeDecoder:
         the pending token and accepted drafts for the drafter, or None).
         """
         step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)
+        record_for_rollback(cache)
         out = self.model(input_ids=step_ids[None], **cache_kw, use_cache=True, output_hidden_states=wants_hidden)
         logits = out.logits[0]
         if sampling.greedy:
@@ -249,9 +268,10 @@ class SpeculativeDecoder:
         dtype = self.model.get_output_embeddings().weight.dtype
         step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)
         parents = cands.parents.cpu()
+        record_for_rollback(cache)
         out = self.model(
             input_ids=step_ids[None],
-            attention_mask=tree_attention_mask(parents, past_len, dtype=dtype, device=device),
+            attention_mask=self._tree_masks(parents, past_len, cache, dtype, device),
             position_ids=tree_position_ids(parents, past_len, device=device),
             **cache_kw,
             use_cache=True,
@@ -275,6 +295,25 @@ class SpeculativeDecoder:
         return emitted, len(path), tree_max_depth(parents), hidden
 
     # -- helpers ------------------------------------------------------------------------------
+    def _tree_masks(self, parents, past_len: int, cache, dtype, device):
+        """The ``attention_mask`` of a tree verify forward: for each layer type, the tree mask over
+        the positions that type's cache layers present (``Cache.get_mask_sizes``; a sliding layer
+        past its window presents only its last window - 1), cut to the window for sliding layers.
+        One tensor when every layer has the same type; else a dict by layer type, which transformers
+        5 models mixing types (Gemma-2/3: ``causal_mask_mapping``) take instead of building their
+        own."""
+        q = len(parents) + 1
+        masks = {}
+        for i, (kind, window) in enumerate(self._layers):
+            if kind in masks:
+                continue
+            kv_len, kv_offset = cache.get_mask_sizes(q, i)
+            sliding = window if kind == "sliding_attention" else None
+            masks[kind] = tree_attention_mask(parents, past_len, dtype=dtype, device=device, window=sliding, kv_offset=kv_offset)
+            if masks[kind].shape[-1] != kv_len:  # a cache layer holding other positions than assumed
+                raise RuntimeError(f"layer {i} ({kind}) presents {kv_len} positions, the tree mask covers {masks[kind].shape[-1]}")
+        return masks if len(masks) > 1 else next(iter(masks.values()))
+
     def _declared(self, hidden_states: tuple) -> tuple:
         """The verifier layers the drafter declares (``hidden_layers``, indices into transformers'
         ``hidden_states``), or all of them for a drafter that declares none."""
