@@ -130,15 +130,15 @@ def chunked_attention_with_tree(root, drafter):
 
 def sliding_window_with_tree_without_rollback(root, drafter):
     """A transformers whose sliding-window cache cannot keep positions for a rollback (before
-    Cache.activate_past_recording): trees past the window could not be taken back."""
+    activate_past_recording): trees past the window could not be taken back."""
     from unittest import mock
 
-    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
     torch.manual_seed(0)
     cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, max_position_embeddings=256, sliding_window=16)
-    with mock.patch.object(DynamicCache, "activate_past_recording", None):
+    with mock.patch.object(DynamicSlidingWindowLayer, "activate_past_recording", None):
         with_tree(MistralForCausalLM(cfg), "tiny-mistral")
 
 

@@ -70,6 +70,23 @@ def test_the_families_have_the_layers_they_stand_for():
     assert {w for t, w in attention_layers(sliding_verifier("gemma3").model) if t == "sliding_attention"} == {WINDOW}
 
 
+def test_attention_layers_without_transformers_layer_types_helper(monkeypatch):
+    """On a transformers without ``cache_utils.get_layer_types_and_kwargs`` the config is read alike."""
+    import transformers.cache_utils
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from conftest import cached_verifier
+
+    llama4 = Llama4ForCausalLM(Llama4TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                                                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                attention_chunk_size=16))
+    models = [sliding_verifier(f).model for f in FAMILIES] + [cached_verifier(a).model for a in ("llama", "gpt2")] + [llama4]
+    expected = [attention_layers(m) for m in models]
+    assert ("chunked_attention", 16) in expected[-1] and ("full_attention", None) in expected[-1]
+    monkeypatch.delattr(transformers.cache_utils, "get_layer_types_and_kwargs")
+    assert [attention_layers(m) for m in models] == expected
+
+
 # --------------------------------------------------------------------------------------------
 # (a) one tree forward equals causal forwards over each root-to-node path
 

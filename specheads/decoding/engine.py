@@ -84,11 +84,11 @@ class SpeculativeDecoder:
         their masks, ``keep_positions`` moves their keys and values), a transformers that can roll
         a sliding-window cache back (``kv_cache.record_for_rollback``) and an attention that honours
         a 4D mask (eager and sdpa are tested with tree masks). Sliding-window verifiers (Mistral,
-        Gemma-2, Gemma-3) then verify trees inside and past their window alike: their layers keep
-        the positions the tree needs and their masks are cut to the window, so nothing falls back
-        to chains. A drafter that declares ``proposes_trees`` is refused, or the verifier switched
-        to sdpa, here rather than at its first tree; for others, the reason a tree step would be
-        refused, or None."""
+        Gemma-2, Gemma-3) verify trees inside and past their window alike, exactly: past it their
+        layers still hold every position a tree row may see, and the masks are cut to the window;
+        nothing falls back to chains. A drafter that declares ``proposes_trees`` is refused, or the
+        verifier switched to sdpa, here rather than at its first tree; for others, the reason a
+        tree step would be refused, or None."""
         trees = bool(getattr(drafter, "proposes_trees", False))
         who = f"verifier '{getattr(self.verifier, 'name', type(self.model).__name__)}'"
         use_chain = f"drafter '{drafter.name}' proposes candidate trees; use a chain (e.g. --tree chain)"
@@ -103,7 +103,7 @@ class SpeculativeDecoder:
             import transformers
 
             why = (f"{who} has sliding-window attention (window {windows[0]} tokens), and transformers {transformers.__version__} "
-                   f"cannot keep the positions a tree step rolls back past the window (no Cache.activate_past_recording): {use_chain}")
+                   f"cannot keep the positions a tree step rolls back past the window (no activate_past_recording): {use_chain}")
         if why:
             if trees:
                 raise SpecHeadsError(why)
@@ -296,20 +296,21 @@ class SpeculativeDecoder:
 
     # -- helpers ------------------------------------------------------------------------------
     def _tree_masks(self, parents, past_len: int, cache, dtype, device):
-        """The ``attention_mask`` of a tree verify forward: for each layer type, the tree mask over
-        the positions that type's cache layers present (``Cache.get_mask_sizes``; a sliding layer
-        past its window presents only its last window - 1), cut to the window for sliding layers.
-        One tensor when every layer has the same type; else a dict by layer type, which transformers
-        5 models mixing types (Gemma-2/3: ``causal_mask_mapping``) take instead of building their
-        own."""
-        q = len(parents) + 1
+        """The ``attention_mask`` of a tree verify forward, one per layer type: the tree mask over the
+        whole past for full attention; for sliding attention, over the past positions its cache
+        layers present (``Cache.get_mask_sizes``: past the window only the last window - 1) and cut
+        to the window. One tensor when every layer has the same type; else a dict by layer type,
+        which transformers 5 models mixing types (Gemma-2/3: ``causal_mask_mapping``) take instead
+        of building their own."""
         masks = {}
         for i, (kind, window) in enumerate(self._layers):
             if kind in masks:
                 continue
-            kv_len, kv_offset = cache.get_mask_sizes(q, i)
-            sliding = window if kind == "sliding_attention" else None
-            masks[kind] = tree_attention_mask(parents, past_len, dtype=dtype, device=device, window=sliding, kv_offset=kv_offset)
+            if kind != "sliding_attention":
+                masks[kind] = tree_attention_mask(parents, past_len, dtype=dtype, device=device)
+                continue
+            kv_len, kv_offset = cache.get_mask_sizes(len(parents) + 1, i)
+            masks[kind] = tree_attention_mask(parents, past_len, dtype=dtype, device=device, window=window, kv_offset=kv_offset)
             if masks[kind].shape[-1] != kv_len:  # a cache layer holding other positions than assumed
                 raise RuntimeError(f"layer {i} ({kind}) presents {kv_len} positions, the tree mask covers {masks[kind].shape[-1]}")
         return masks if len(masks) > 1 else next(iter(masks.values()))

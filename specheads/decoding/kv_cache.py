@@ -26,28 +26,39 @@ def attention_layers(model) -> list[tuple[str, int | None]]:
     """Each decoder layer's attention type as transformers names it in the model's masks and cache
     (``full_attention``, ``sliding_attention``, ``chunked_attention``, ...) and its window (or
     chunk) in tokens, None for full attention."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    types, kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    config = model.config.get_text_config(decoder=True)
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # an older transformers 5: the config's layer types, else one type for all layers
+        window, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
+        default = "sliding_attention" if window else "chunked_attention" if chunk else "full_attention"
+        types = getattr(config, "layer_types", None) or [default] * config.num_hidden_layers
+        return [(t, window if t == "sliding_attention" else chunk if t == "chunked_attention" else None) for t in types]
+    types, kwargs = get_layer_types_and_kwargs(config)
     return [(t, kw.get("sliding_window")) for t, kw in zip(types, kwargs)]
 
 
 def can_record_past() -> bool:
     """Whether this transformers can keep a sliding-window cache's dropped positions until the next
-    crop (``Cache.activate_past_recording``), which rolling one back past its window needs."""
-    from transformers import DynamicCache
+    crop (``activate_past_recording``), which rolling one back past its window needs."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
-    return callable(getattr(DynamicCache, "activate_past_recording", None))
+    return callable(getattr(DynamicSlidingWindowLayer, "activate_past_recording", None))
 
 
 def record_for_rollback(cache) -> None:
     """Make sliding-window layers keep every position until the next crop instead of dropping the
     oldest at once, so a verify forward's rejected rows can be taken back past the window (what
     transformers' own assisted decoding does). Call it after the prefill (it would keep the whole
-    prompt) and before each verify forward; ``truncate_cache`` then trims back to the window. A
-    no-op for caches without sliding layers."""
+    prompt) and before each verify forward; ``truncate_cache`` then trims back to the window.
+    Only plain sliding layers: a recording linear-attention (or hybrid) layer would crop its conv
+    state but not its recurrent state, where a crop that raises is the safer failure."""
     if can_record_past():
-        cache.activate_past_recording()
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+
+        for layer in cache.layers:
+            if type(layer) is DynamicSlidingWindowLayer:
+                layer.activate_past_recording()
 
 
 def _recording(cache) -> bool:
