@@ -112,13 +112,34 @@ def generate(*extra: str) -> list[str]:
             "--max-new-tokens", "2", "--tree", "chain", *extra]
 
 
-def sliding_window_with_tree(root, drafter):
+def with_tree(model, name):
+    verifier = Verifier(model.eval(), None, name)
+    heads = MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=VOCAB, num_heads=3))
+    SpeculativeDecoder(verifier, MedusaDrafter(heads, verifier, tree="tree4"))
+
+
+def chunked_attention_with_tree(root, drafter):
+    """Llama-4's chunked attention: tree masks are not built for it (sliding windows are)."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    cfg = Llama4TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_chunk_size=16)
+    with_tree(Llama4ForCausalLM(cfg), "tiny-llama4")
+
+
+def sliding_window_with_tree_without_rollback(root, drafter):
+    """A transformers whose sliding-window cache cannot keep positions for a rollback (before
+    activate_past_recording): trees past the window could not be taken back."""
+    from unittest import mock
+
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
     torch.manual_seed(0)
     cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, max_position_embeddings=256, sliding_window=16)
-    verifier = Verifier(MistralForCausalLM(cfg).eval(), None, "tiny-mistral")
-    heads = MedusaHeads(MedusaConfig(hidden_size=32, vocab_size=VOCAB, num_heads=3))
-    SpeculativeDecoder(verifier, MedusaDrafter(heads, verifier, tree="tree4"), control="fixed")
+    with mock.patch.object(DynamicSlidingWindowLayer, "activate_past_recording", None):
+        with_tree(MistralForCausalLM(cfg), "tiny-mistral")
 
 
 CASES = [
@@ -161,7 +182,9 @@ CASES = [
          names=["num_heads", "'four'"]),
     Case("api_candidates_parent_below_minus_one",
          call=lambda r, d: Candidates(torch.tensor([3, 4, 5]), torch.tensor([-1, -2, 0])), names=["-2"]),
-    Case("api_sliding_window_verifier_with_tree", call=sliding_window_with_tree, names=["sliding-window", "window 16", "tree"]),
+    Case("api_chunked_attention_verifier_with_tree", call=chunked_attention_with_tree, names=["'chunked_attention'", "chunks of 16 tokens", "tree"]),
+    Case("api_sliding_window_verifier_with_tree_without_rollback", call=sliding_window_with_tree_without_rollback,
+         names=["sliding-window", "window 16", "activate_past_recording", "tree"]),
 ]
 
 

@@ -18,7 +18,8 @@ from specheads.verifier import Verifier
 
 
 def tiny_family(family: str, seed: int = 0) -> Verifier:
-    """Tiny random verifiers of families beyond conftest's: Qwen3, and Gemma-3 with sliding-window layers."""
+    """Tiny random verifiers of families beyond conftest's: Qwen3, and Gemma-3 with sliding-window
+    and full layers mixed."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -28,8 +29,9 @@ def tiny_family(family: str, seed: int = 0) -> Verifier:
     if family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**common))
     elif family == "gemma3":
-        # sliding window longer than any test sequence: the chain path crops the cache like any other
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=512, query_pre_attn_scalar=8))
+        # a window of 16: the test sequences start inside it and run far past it
+        types = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=16, layer_types=types, query_pre_attn_scalar=8))
     else:
         raise ValueError(family)
     model.eval().requires_grad_(False)
@@ -40,6 +42,10 @@ def tiny_family(family: str, seed: int = 0) -> Verifier:
 def family_verifier(family: str) -> Verifier:
     if family in ("llama", "qwen2", "gpt2"):
         return cached_verifier(family)
+    if family in ("mistral", "gemma2"):  # every layer sliding; sliding and full mixed (window 16)
+        from test_sliding_window_trees import sliding_verifier
+
+        return sliding_verifier(family)
     return tiny_family(family)
 
 
@@ -72,7 +78,7 @@ def test_ttt_forward_equals_drafting_rows():
             torch.testing.assert_close(h, ttt[i][0, t], rtol=1e-4, atol=1e-5)
 
 
-FAMILIES = ("llama", "qwen2", "gpt2", "qwen3", "gemma3")
+FAMILIES = ("llama", "qwen2", "gpt2", "qwen3", "gemma3", "mistral", "gemma2")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -80,16 +86,14 @@ FAMILIES = ("llama", "qwen2", "gpt2", "qwen3", "gemma3")
 def test_greedy_lossless_families(family, tree):
     v = family_verifier(family)
     drafter = Eagle3Drafter(trained_model(family), v, tree=tree, top_k=3)
-    if family == "gemma3" and tree != "chain":
-        # trees need every cache layer to hold every position: refused at setup, chains still run
-        with pytest.raises(SpecHeadsError, match="sliding"):
-            SpeculativeDecoder(v, drafter, num_draft_tokens=4, control="fixed")
-        return
     engine = SpeculativeDecoder(v, drafter, num_draft_tokens=4, control="fixed")
     accepted = 0
-    for prompt in REPETITIVE_PROMPTS:
-        out = engine.generate(list(prompt), max_new_tokens=30, eos_token_ids=[EOS])
-        assert out.token_ids == hf_greedy(v.model, list(prompt), 30, EOS)
+    # 30 new tokens run far past the sliding window (16) of Gemma-3, Mistral and Gemma-2; 4 stay
+    # inside it with the prompt and the drafts. A prompt the drafter was fitted on: long paths kept.
+    runs = [(p, 30) for p in REPETITIVE_PROMPTS + (tuple(TRAIN_PROMPTS[0]),)] + [(REPETITIVE_PROMPTS[0], 4)]
+    for prompt, n_new in runs:
+        out = engine.generate(list(prompt), max_new_tokens=n_new, eos_token_ids=[EOS])
+        assert out.token_ids == hf_greedy(v.model, list(prompt), n_new, EOS)
         accepted += sum(out.stats.accepted_at)
     assert accepted > 0  # the drafts were really tried and some kept, not an engine running plain
 

@@ -32,7 +32,7 @@ import torch
 from ..errors import SpecHeadsError
 from .candidates import Candidates, DraftContext
 from .goodput import Calibrator, GoodputController, Selection, merge
-from .kv_cache import cache_kwargs, keep_positions, new_cache, sliding_windows, truncate_cache
+from .kv_cache import attention_layers, cache_kwargs, can_record_past, keep_positions, new_cache, record_for_rollback, truncate_cache
 from .metrics import DecodingStats
 from .sampling import SamplingParams, draw
 from .tree import clip_tree_depth, tree_attention_mask, tree_max_depth, tree_position_ids
@@ -42,6 +42,8 @@ from .verify import greedy_verify, greedy_verify_tree, speculative_sampling, tre
 # Attention implementations tested with the 4D masks of tree verification (tests/test_tree.py).
 TREE_ATTENTION = ("eager", "sdpa")
 CONTROLS = ("goodput", "fixed")
+# Layer types whose tree masks _tree_masks builds and whose caches keep_positions rearranges.
+TREE_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -93,19 +95,35 @@ class SpeculativeDecoder:
         self.control = control
         self._cost = cost
         self._calibrator = Calibrator()  # what the drafters' confidence is worth: kept across prompts
+        self._layers = attention_layers(self.model)
         self._no_trees = self._check_tree_support(drafter) if drafter is not None else None
 
     def _check_tree_support(self, drafter) -> str | None:
-        """Tree steps need a cache whose every layer keeps every position (``keep_positions``) and
-        an attention that honours a 4D mask (eager and sdpa are tested with tree masks). A drafter
-        that declares ``proposes_trees`` is refused, or the verifier switched to sdpa, here rather
-        than at its first tree; for others, the reason a tree step would be refused, or None."""
+        """Tree steps need every layer to be full or sliding-window attention (``_tree_masks`` builds
+        their masks, ``keep_positions`` moves their keys and values), a transformers that can roll
+        a sliding-window cache back (``kv_cache.record_for_rollback``) and an attention that honours
+        a 4D mask (eager and sdpa are tested with tree masks). Sliding-window verifiers (Mistral,
+        Gemma-2, Gemma-3) verify trees inside and past their window alike, exactly: past it their
+        layers still hold every position a tree row may see, and the masks are cut to the window;
+        nothing falls back to chains. A drafter that declares ``proposes_trees`` is refused, or the
+        verifier switched to sdpa, here rather than at its first tree; for others, the reason a
+        tree step would be refused, or None."""
         trees = bool(getattr(drafter, "proposes_trees", False))
         who = f"verifier '{getattr(self.verifier, 'name', type(self.model).__name__)}'"
-        windows = sliding_windows(self.model)
-        if windows:
-            why = (f"{who} has sliding-window attention (window {windows[0]} tokens), whose cache drops positions that "
-                   f"tree verification must keep: drafter '{drafter.name}' proposes candidate trees; use a chain (e.g. --tree chain)")
+        use_chain = f"drafter '{drafter.name}' proposes candidate trees; use a chain (e.g. --tree chain)"
+        other = [(t, w) for t, w in self._layers if t not in TREE_LAYER_TYPES]
+        windows = sorted({w for t, w in self._layers if t == "sliding_attention"})
+        why = None
+        if other:
+            kind, span = other[0]
+            span = "" if span is None else f" (chunks of {span} tokens)" if kind == "chunked_attention" else f" (window {span} tokens)"
+            why = f"{who} has '{kind}' layers{span}, whose masks or cache tree verification cannot build or rearrange: {use_chain}"
+        elif windows and not can_record_past():
+            import transformers
+
+            why = (f"{who} has sliding-window attention (window {windows[0]} tokens), and transformers {transformers.__version__} "
+                   f"cannot keep the positions a tree step rolls back past the window (no activate_past_recording): {use_chain}")
+        if why:
             if trees:
                 raise SpecHeadsError(why)
             return why
@@ -247,6 +265,7 @@ class SpeculativeDecoder:
         the pending token and accepted drafts for the drafters, or None).
         """
         step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)
+        record_for_rollback(cache)
         out = self.model(input_ids=step_ids[None], **cache_kw, use_cache=True, output_hidden_states=wants_hidden)
         logits = out.logits[0]
         if sampling.greedy:
@@ -279,9 +298,10 @@ class SpeculativeDecoder:
         dtype = self.model.get_output_embeddings().weight.dtype
         step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)
         parents = cands.parents.cpu()
+        record_for_rollback(cache)
         out = self.model(
             input_ids=step_ids[None],
-            attention_mask=tree_attention_mask(parents, past_len, dtype=dtype, device=device),
+            attention_mask=self._tree_masks(parents, past_len, cache, dtype, device),
             position_ids=tree_position_ids(parents, past_len, device=device),
             **cache_kw,
             use_cache=True,
@@ -305,7 +325,27 @@ class SpeculativeDecoder:
         return emitted, path, tree_max_depth(parents), hidden
 
     # -- helpers ------------------------------------------------------------------------------
-    def _layers(self) -> list[int] | None:
+    def _tree_masks(self, parents, past_len: int, cache, dtype, device):
+        """The ``attention_mask`` of a tree verify forward, one per layer type: the tree mask over the
+        whole past for full attention; for sliding attention, over the past positions its cache
+        layers present (``Cache.get_mask_sizes``: past the window only the last window - 1) and cut
+        to the window. One tensor when every layer has the same type; else a dict by layer type,
+        which transformers 5 models mixing types (Gemma-2/3: ``causal_mask_mapping``) take instead
+        of building their own."""
+        masks = {}
+        for i, (kind, window) in enumerate(self._layers):
+            if kind in masks:
+                continue
+            if kind != "sliding_attention":
+                masks[kind] = tree_attention_mask(parents, past_len, dtype=dtype, device=device)
+                continue
+            kv_len, kv_offset = cache.get_mask_sizes(len(parents) + 1, i)
+            masks[kind] = tree_attention_mask(parents, past_len, dtype=dtype, device=device, window=window, kv_offset=kv_offset)
+            if masks[kind].shape[-1] != kv_len:  # a cache layer holding other positions than assumed
+                raise RuntimeError(f"layer {i} ({kind}) presents {kv_len} positions, the tree mask covers {masks[kind].shape[-1]}")
+        return masks if len(masks) > 1 else next(iter(masks.values()))
+
+    def _hidden_layer_ids(self) -> list[int] | None:
         """The verifier layers any part declares (``hidden_layers``, indices into transformers'
         ``hidden_states``), or None (all of them) when a part declares none."""
         wanted: list[int] = []
@@ -319,7 +359,7 @@ class SpeculativeDecoder:
         return wanted or None
 
     def _declared_all(self, hidden_states: tuple) -> tuple:
-        layers = self._layers()
+        layers = self._hidden_layer_ids()
         return hidden_states if layers is None else tuple(hidden_states[i] for i in layers)
 
     def _add_hidden(self, backlog: list[list], rows: tuple) -> None:
@@ -333,7 +373,7 @@ class SpeculativeDecoder:
         if not part.needs_hidden_states:
             return None
         rows, backlog[i] = backlog[i], []
-        layers = self._layers()
+        layers = self._hidden_layer_ids()
         mine = getattr(part, "hidden_layers", None)
         pick = list(range(len(rows[0]))) if mine is None or layers is None else [layers.index(l) for l in mine]
         if len(rows) == 1:

@@ -10,7 +10,8 @@ def truncate_cache(cache, length: int) -> None:
     current = cache.get_seq_length()
     if length > current:
         raise ValueError(f"cannot truncate a cache of {current} positions to {length}")
-    if length < current:
+    # crop(0) of a recording sliding-window layer drops what it kept for rollback, back to its window.
+    if length < current or _recording(cache):
         # transformers >= 5 takes the number of positions to remove, as a negative int.
         cache.crop(length - current)
 
@@ -21,9 +22,47 @@ def new_cache(model):
     return DynamicCache(config=model.config)
 
 
-def sliding_windows(model) -> list[int]:
-    """The window sizes of the cache layers that keep only recent positions (sliding-window attention)."""
-    return sorted({layer.sliding_window for layer in new_cache(model).layers if getattr(layer, "is_sliding", False)})
+def attention_layers(model) -> list[tuple[str, int | None]]:
+    """Each decoder layer's attention type as transformers names it in the model's masks and cache
+    (``full_attention``, ``sliding_attention``, ``chunked_attention``, ...) and its window (or
+    chunk) in tokens, None for full attention."""
+    config = model.config.get_text_config(decoder=True)
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # an older transformers 5: the config's layer types, else one type for all layers
+        window, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
+        default = "sliding_attention" if window else "chunked_attention" if chunk else "full_attention"
+        types = getattr(config, "layer_types", None) or [default] * config.num_hidden_layers
+        return [(t, window if t == "sliding_attention" else chunk if t == "chunked_attention" else None) for t in types]
+    types, kwargs = get_layer_types_and_kwargs(config)
+    return [(t, kw.get("sliding_window")) for t, kw in zip(types, kwargs)]
+
+
+def can_record_past() -> bool:
+    """Whether this transformers can keep a sliding-window cache's dropped positions until the next
+    crop (``activate_past_recording``), which rolling one back past its window needs."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    return callable(getattr(DynamicSlidingWindowLayer, "activate_past_recording", None))
+
+
+def record_for_rollback(cache) -> None:
+    """Make sliding-window layers keep every position until the next crop instead of dropping the
+    oldest at once, so a verify forward's rejected rows can be taken back past the window (what
+    transformers' own assisted decoding does). Call it after the prefill (it would keep the whole
+    prompt) and before each verify forward; ``truncate_cache`` then trims back to the window.
+    Only plain sliding layers: a recording linear-attention (or hybrid) layer would crop its conv
+    state but not its recurrent state, where a crop that raises is the safer failure."""
+    if can_record_past():
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+
+        for layer in cache.layers:
+            if type(layer) is DynamicSlidingWindowLayer:
+                layer.activate_past_recording()
+
+
+def _recording(cache) -> bool:
+    return any(getattr(layer, "record_past", False) for layer in cache.layers)
 
 
 def cache_kwargs(model, cache) -> dict:
@@ -43,6 +82,10 @@ def keep_positions(cache, start: int, indices) -> None:
     node + 1), so the cache again holds one sequence. It gathers each layer's keys and values
     (``cache.layers[i].keys / .values`` of a transformers 5 ``DynamicCache``, sequence dim -2)
     and then truncates. Indices must be ascending and unique, which a root-to-node path is.
+
+    A sliding-window layer holds only its last positions; it works when it holds every position
+    from ``start`` on, which a layer recording for rollback (``record_for_rollback``) does after a
+    forward. The truncation then trims it back to its window.
     """
     indices = [int(i) for i in indices]
     if any(b <= a for a, b in zip(indices, indices[1:])) or (indices and indices[0] < 0):
@@ -53,15 +96,19 @@ def keep_positions(cache, start: int, indices) -> None:
     m = len(indices)
     if indices != list(range(m)):  # a contiguous prefix (e.g. a chain) needs no move
         for layer in cache.layers:
-            if layer.keys is None or layer.keys.shape[-2] != current:
+            # The layer holds positions first .. current - 1 (first > 0 for a sliding-window layer).
+            first = None if layer.keys is None else layer.get_seq_length() - layer.keys.shape[-2]
+            if first is None or layer.get_seq_length() != current or first > start:
                 raise NotImplementedError(
-                    "keep_positions needs every layer to hold every position (no sliding-window or static layers)"
+                    f"keep_positions needs every layer to hold positions {start} to {current - 1} "
+                    "(a sliding-window layer must record for rollback; no static layers)"
                 )
-            idx = torch.tensor(indices, device=layer.keys.device) + start
+            at = start - first
+            idx = torch.tensor(indices, device=layer.keys.device) + at
             # In place, so the past is not copied. Advanced indexing on the right copies first, so
             # overlapping source and target are safe. inference_mode: the engine's cache tensors
             # are inference tensors, which may only be updated in place inside it.
             with torch.inference_mode():
-                layer.keys[..., start : start + m, :] = layer.keys[..., idx, :]
-                layer.values[..., start : start + m, :] = layer.values[..., idx, :]
+                layer.keys[..., at : at + m, :] = layer.keys[..., idx, :]
+                layer.values[..., at : at + m, :] = layer.values[..., idx, :]
     truncate_cache(cache, start + m)

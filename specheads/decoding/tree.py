@@ -8,7 +8,9 @@ Its position id is ``past_len + depth`` (the root has depth 0, its children dept
 the position the token would have in that causal sequence.
 
 The mask goes through the model's public ``forward(attention_mask=...)`` as a 4D tensor of shape
-``[1, 1, q, past_len + q]``. transformers 5.x (``masking_utils._preprocess_mask_arguments``)
+``[1, 1, q, past_len + q]`` (a sliding-window layer past its window holds fewer past positions:
+``tree_attention_mask(window=, kv_offset=)``; models mixing layer types take a dict of masks by
+layer type, see ``engine._tree_masks``). transformers 5.x (``masking_utils._preprocess_mask_arguments``)
 returns any 4D mask as is, without checking or converting it, and hands it to the attention
 function of the model's implementation: ``sdpa`` passes it to
 ``torch.nn.functional.scaled_dot_product_attention`` (which takes a bool or an additive float
@@ -95,16 +97,27 @@ def tree_position_ids(parents, past_len: int, device=None) -> torch.Tensor:
     return torch.tensor([pos], dtype=torch.long, device=device)
 
 
-def tree_attention_mask(parents, past_len: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """The additive 4D attention mask [1, 1, q, past_len + q] for a tree verify forward.
+def tree_attention_mask(
+    parents, past_len: int, dtype: torch.dtype = torch.float32, device=None, *, window: int | None = None, kv_offset: int = 0
+) -> torch.Tensor:
+    """The additive 4D attention mask [1, 1, q, past_len - kv_offset + q] for a tree verify forward.
 
     0 where a row may attend (every cached position, the root, the row itself and its
     ancestors), ``torch.finfo(dtype).min`` elsewhere. ``dtype`` must be the model's compute dtype.
+
+    For a sliding-window layer: its cache presents only positions ``kv_offset .. past_len - 1``
+    of the past (the columns before the tree's), and ``window`` cuts each row to the positions
+    p > its own position - window, as transformers' sliding mask does for a causal sequence
+    (``masking_utils.sliding_window_overlay``); a row's position is ``past_len + depth``.
     """
     vis = tree_visibility(parents)
     q = vis.shape[0]
-    allowed = torch.cat([torch.ones(q, past_len, dtype=torch.bool), vis], dim=1)
-    mask = torch.zeros(q, past_len + q, dtype=dtype)
+    allowed = torch.cat([torch.ones(q, past_len - kv_offset, dtype=torch.bool), vis], dim=1)
+    if window is not None:
+        rows = tree_position_ids(parents, past_len)[0]
+        cols = torch.cat([torch.arange(kv_offset, past_len), rows])
+        allowed &= cols[None, :] > rows[:, None] - window
+    mask = torch.zeros(q, allowed.shape[1], dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None].to(device) if device is not None else mask[None, None]
 

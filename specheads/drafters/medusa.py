@@ -243,7 +243,7 @@ class MedusaDrafter:
         self.tree = tree
         self.paths = tree_paths(tree, heads.config.num_heads, heads.rank_accuracy)
         self.max_rank = max((max(p) for p in self.paths), default=0) + 1
-        # Read by the engine at setup: trees need a verifier that can verify them (no sliding window).
+        # Read by the engine at setup: trees need a verifier that can verify them (no chunked or linear attention).
         self.proposes_trees = self.max_rank > 1
 
     @property
