@@ -500,7 +500,7 @@ def _open_hidden_cache(accelerator, objective, train_ds, verifier, t):
     rows = train_ds["input_ids"]
     lengths = [len(ids) for ids in rows]
     key = cache_key(verifier_info(verifier), rows)
-    path = t.hidden_cache_dir or os.path.join(t.output_dir, "hidden_cache")
+    path = t.hidden_cache_path()
     if hasattr(objective, "open_hidden_cache"):
         size = objective.describe_cache(lengths)
 

@@ -23,10 +23,12 @@ def prepare_datasets(recipe, verifier, accelerator=None):
 
         s = d.self_distill
         prompts = training_prompts(s.prompts, s.num_prompts, seed=recipe.training.seed)
+        from .objectives import feature_capture
+
         generate_self_distillation(
             verifier, prompts, s.output_dir, max_new_tokens=s.max_new_tokens,
             temperature=s.temperature, batch_size=s.batch_size, seed=recipe.training.seed,
-            accelerator=accelerator,
+            accelerator=accelerator, capture=feature_capture(recipe, verifier),
         )
         parts.append(load_conversations(s.output_dir, verifier, max_length=d.max_length))
     if d.conversations:

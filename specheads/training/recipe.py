@@ -157,6 +157,9 @@ class TrainingSection:
     hidden_cache_dir: str | None = None
     lora: LoraSection | None = None
 
+    def hidden_cache_path(self) -> str:
+        return self.hidden_cache_dir or os.path.join(self.output_dir, "hidden_cache")
+
 
 @dataclass
 class Recipe:

@@ -34,6 +34,13 @@ def make_objective(recipe, verifier, train_ds):
     return kind_module(recipe.drafter.kind).build(recipe, verifier, train_ds)
 
 
+def feature_capture(recipe, verifier):
+    """What self-distillation should capture of the verifier's features for this kind (its
+    ``feature_capture``), or None."""
+    capture = getattr(kind_module(recipe.drafter.kind), "feature_capture", None)
+    return capture(recipe, verifier) if capture is not None else None
+
+
 def check_recipe_for_verifier(recipe, verifier) -> None:
     """The recipe checks that need the verifier but no data: run before data preparation."""
     check = getattr(kind_module(recipe.drafter.kind), "check_for_verifier", None)

@@ -9,19 +9,21 @@ draft vocabulary are left out of the loss (no draft could be accepted there), bu
 counts them as misses, so its acceptance is what decoding will see.
 
 What the frozen verifier contributes per token (its ``aux_layer_ids`` hidden states, its last
-hidden state for the target distribution, and its argmax) can be cached on disk once
-(``training.cache_hidden_states``): epochs after the first run no verifier forward.
+hidden state for the target distribution, and its argmax) is kept on disk
+(``training.cache_hidden_states``) in a ``training.features.FeatureStore``, found by each
+conversation's tokens: self-distillation stores it while it generates, the first epoch stores
+what is missing, and later epochs, evaluations and other recipes over the same conversations run
+no verifier forward.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
 from ...draft_vocab import build_token_map
 from ...drafters.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_d2t, init_from_verifier, save_eagle3
 from ...errors import SpecHeadsError
+from ..features import FeatureStore, tokens_key
 
 LOSSES = ("soft",)
 RANKS = 4  # choices per step counted at evaluation (what a tree of top-k children could accept)
@@ -48,6 +50,16 @@ def check_for_verifier(recipe, verifier) -> None:
                                recipe.drafter.aux_layer_ids, recipe.drafter.num_layers)
 
 
+def feature_capture(recipe, verifier):
+    """(FeatureStore, aux layer ids, max_length) for self-distillation to store each conversation's
+    features from its own generation pass, or None when the recipe keeps no features."""
+    if not recipe.training.cache_hidden_states:
+        return None
+    aux = Eagle3Config.from_verifier(verifier, recipe.drafter.draft_vocab_size or verifier.vocab_size,
+                                     recipe.drafter.aux_layer_ids, recipe.drafter.num_layers).aux_layer_ids
+    return FeatureStore(recipe.training.hidden_cache_path(), verifier, aux), aux, recipe.data.max_length
+
+
 def build(recipe, verifier, train_ds) -> "Eagle3Objective":
     size = recipe.drafter.draft_vocab_size or verifier.vocab_size
     check_for_verifier(recipe, verifier)
@@ -70,7 +82,7 @@ class Eagle3Objective:
         to_draft = torch.full((V,), -1, dtype=torch.long)
         to_draft[self.draft_ids] = torch.arange(cfg.draft_vocab_size)
         self.to_draft = to_draft
-        self.hidden_cache = None  # a FeatureCache, opened by the loop through open_hidden_cache
+        self.hidden_cache = None  # a FeatureStore, opened by the loop through open_hidden_cache
         self._head_rows = None
 
     # -- parameters -------------------------------------------------------------------------
@@ -79,27 +91,35 @@ class Eagle3Objective:
         return [{"params": params, "lr": lr, "weight_decay": weight_decay, "name": "eagle3"}]
 
     # -- what the verifier contributes --------------------------------------------------------
-    def open_hidden_cache(self, path: str, lengths: list[int], key: str, create: bool) -> "FeatureCache":
-        return FeatureCache(path, lengths, self.verifier, self.config.aux_layer_ids, key, create)
+    def open_hidden_cache(self, path: str, lengths: list[int], key: str, create: bool) -> "FeatureStore":
+        """The feature store under ``path`` (keyed by each conversation's tokens, not by this
+        dataset: ``lengths`` and ``key`` are not needed)."""
+        return FeatureStore(path, self.verifier, self.config.aux_layer_ids)
 
     def describe_cache(self, lengths: list[int]) -> str:
-        return FeatureCache.describe(lengths, self.verifier, self.config.aux_layer_ids)
+        per_token = (len(self.config.aux_layer_ids) + 1) * self.verifier.hidden_size * self.verifier.dtype.itemsize + 8
+        return f"features of {sum(lengths)} tokens, {per_token} bytes each = {sum(lengths) * per_token / 2**20:.1f} MiB at most"
 
     def _verifier_features(self, batch):
-        """(aux [B, T, n_aux * H], last hidden [B, T, H], argmax [B, T]) of the frozen verifier."""
-        cache = self.hidden_cache if "index" in batch else None
+        """(aux [B, T, n_aux * H], last hidden [B, T, H], argmax [B, T]) of the frozen verifier:
+        read from the feature store when every conversation of the batch is in it, else computed
+        by one forward and stored."""
+        store = self.hidden_cache
         ids = batch["input_ids"]
-        if cache is not None:
-            indices = batch["index"].tolist()
-            if cache.has(indices):
-                return cache.load(indices, ids.shape[1], ids.device)
+        keys = None
+        if store is not None:
+            lengths = batch["attention_mask"].sum(1).tolist()
+            rows = ids.tolist()
+            keys = [tokens_key(r[:n]) for r, n in zip(rows, lengths)]
+            if all(store.has(k) for k in keys):
+                return store.get(keys, ids.shape[1], ids.device)
         model = self.verifier.model
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=batch["attention_mask"], output_hidden_states=True)
         aux = torch.cat([out.hidden_states[i] for i in self.config.aux_layer_ids], -1)
         last, argmax = out.hidden_states[-1], out.logits.argmax(-1)
-        if cache is not None:
-            cache.store(indices, aux, last, argmax)
+        if store is not None:
+            store.put([(k, aux[b, :n], last[b, :n], argmax[b, :n]) for b, (k, n) in enumerate(zip(keys, lengths))])
         return aux, last, argmax
 
     def _teacher_rows(self, device, dtype) -> torch.Tensor:
@@ -220,41 +240,6 @@ class Eagle3Objective:
         if missing or unexpected:
             raise SpecHeadsError(f"EAGLE-3 training state does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return save_eagle3(path, model, verifier or self.verifier, training=training)
-
-
-class FeatureCache:
-    """What the frozen verifier gives each training token, on disk: [aux layers | last hidden]
-    rows in the verifier's dtype, and its argmax. Two ``HiddenStateCache`` files side by side,
-    keyed by the verifier, every token and the aux layer ids."""
-
-    def __init__(self, path: str, lengths: list[int], verifier, aux_layer_ids: list[int], key: str, create: bool):
-        from ..hidden_cache import HiddenStateCache
-
-        key = f"{key}|eagle3-aux={','.join(map(str, aux_layer_ids))}"
-        H = verifier.hidden_size
-        self.n_aux = len(aux_layer_ids)
-        self.H = H
-        self.rows = HiddenStateCache(os.path.join(path, "features"), lengths, (self.n_aux + 1) * H, verifier.dtype, create=create, key=key)
-        self.argmax = HiddenStateCache(os.path.join(path, "argmax"), lengths, 1, torch.int64, create=create, key=key)
-
-    @staticmethod
-    def describe(lengths: list[int], verifier, aux_layer_ids: list[int]) -> str:
-        from ..hidden_cache import HiddenStateCache
-
-        return HiddenStateCache.describe(lengths, (len(aux_layer_ids) + 1) * verifier.hidden_size, verifier.dtype) + " (+ 8 bytes per token for the argmax)"
-
-    def has(self, indices: list[int]) -> bool:
-        return self.rows.has(indices) and self.argmax.has(indices)
-
-    def load(self, indices: list[int], max_len: int, device):
-        rows = self.rows.load(indices, max_len, device)
-        argmax = self.argmax.load(indices, max_len, device)[..., 0]
-        split = self.n_aux * self.H
-        return rows[..., :split], rows[..., split:], argmax
-
-    def store(self, indices: list[int], aux: torch.Tensor, last: torch.Tensor, argmax: torch.Tensor) -> None:
-        self.rows.store(indices, torch.cat([aux, last], -1))
-        self.argmax.store(indices, argmax[..., None])
 
 
 def _unwrap(module):
