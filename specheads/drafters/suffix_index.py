@@ -55,7 +55,8 @@ class SuffixArray:
         # Ranks: SEP (and the padding past the end) is 0, token t is t + 1, so SEP sorts first.
         self._rank = np.zeros(n + self.sort_depth + 1, dtype=np.int64)
         self._rank[:n] = tokens.astype(np.int64) + 1
-        self._bits, self._width = _packing(int(self._rank.max()) if n else 1, self.sort_depth)
+        self._max_rank = int(self._rank.max()) if n else 0
+        self._bits, self._width = _packing(max(self._max_rank, 1), self.sort_depth)
         self._packed = _pack(self._rank, self._bits, self._width)
         self._packed_sa = self._packed[sa] if n else np.zeros(0, dtype=np.uint64)
         self._top = (1 << self._bits) - 1  # at least every rank: pads the upper bound of a short chunk
@@ -87,6 +88,8 @@ class SuffixArray:
         """The range of suffixes starting with ``pattern`` (its ranks: token + 1), or None."""
         lo, hi = 0, self.sa.size
         w = self._width
+        if pattern.size == 0 or int(pattern.max()) > self._max_rank:  # a token the corpus lacks (and packing could not hold)
+            return None
         for o in range(0, pattern.size, w):
             chunk = pattern[o : o + w]
             low, high = _pack_one(chunk, 0, self._bits, w), _pack_one(chunk, self._top, self._bits, w)
