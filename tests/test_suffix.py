@@ -135,6 +135,8 @@ def test_history_is_indexed_once_large_and_keeps_its_answers(monkeypatch):
     serve(5)
     c = propose(d, [1, 2, 3], k=1)  # a rebuild keeps the newest max_cached_requests (3) requests
     assert len(d._history) == 3 and tree(c) == ([44, 45], [-1, -1], [0.5, 0.5])
+    d.clear_history()
+    assert len(propose(d, [1, 2, 3], k=1)) == 0
 
 
 def test_unsynced_requests_commit_only_their_prompt():

@@ -154,6 +154,14 @@ class SuffixDrafter:
             self._history_sa = SuffixArray.build(self._history, sort_depth=self.max_match + self.max_depth)
             self._recent.clear()
 
+    def clear_history(self) -> None:
+        """Forget the earlier requests (the corpus stays), e.g. after a benchmark's warm-up, whose
+        outputs would otherwise draft the same prompts' timed runs."""
+        self._history, self._history_sa = [], None
+        self._recent.clear()
+        self._request.clear()
+        self._hints.clear()
+
     def _global_parts(self) -> list:
         parts = [p for p in (self.corpus, self._history_sa) if p is not None and p.sa.size]
         return parts + ([self._recent] if self._recent.size else [])
