@@ -85,7 +85,8 @@ class SuffixArray:
 
     # -- queries ----------------------------------------------------------------------------
     def find(self, pattern: np.ndarray):
-        """The range of suffixes starting with ``pattern`` (its ranks: token + 1), or None."""
+        """The range of suffixes starting with ``pattern`` (its ranks: token + 1; at most
+        sort_depth of them, past which the array is not sorted), or None."""
         lo, hi = 0, self.sa.size
         w = self._width
         if pattern.size == 0 or int(pattern.max()) > self._max_rank:  # a token the corpus lacks (and packing could not hold)
@@ -109,7 +110,7 @@ class SuffixArray:
             state = self.find(context[context.size - length :])
             return state if state is not None and self._rank[self.sa[state[1] - 1] + length] != 0 else None
 
-        top = min(max_len, context.size)
+        top = min(max_len, context.size, self.sort_depth)
         if top <= 0:
             return 0, None
         state = occurs(top)  # the caller's bound is often exact: the match grew with the context
@@ -458,6 +459,8 @@ def build_corpus_index(source, verifier, output, *, limit: int | None = None, pr
 
     if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int):
         raise SpecHeadsError(f"prompt_tokens must be an integer, got {prompt_tokens!r}")
+    if Path(output).is_dir():  # before the data is read, not after
+        raise SpecHeadsError(f"suffix index output {output} is a directory: name a file, e.g. {Path(output) / 'corpus.safetensors'}")
     data = load_conversations(source, verifier, limit=limit)
     sequences = [ids[max(0, plen - prompt_tokens) if prompt_tokens >= 0 else 0:]
                  for ids, plen in zip(data["input_ids"], data["prompt_length"])]
