@@ -8,9 +8,11 @@ import sys
 from .errors import SpecHeadsError
 
 DRAFTER_HELP = (
-    "'ngram' (prompt lookup, training-free), 'none' (plain decoding), or a path: a specheads drafter "
-    "checkpoint (kind read from its config.json) or a plain Hugging Face model directory used as a draft model; "
-    "A+B joins drafters into a hybrid whose candidate trees are merged each step (e.g. runs/x/drafter+ngram)"
+    "'ngram' (prompt lookup, training-free), 'suffix' (SuffixDecoding over this run's earlier requests, "
+    "training-free), 'suffix:FILE' (the same plus a corpus index from `specheads suffix-index`), 'none' (plain "
+    "decoding), or a path: a specheads drafter checkpoint (kind read from its config.json) or a plain Hugging Face "
+    "model directory used as a draft model; "
+    "A+B joins drafters into a hybrid whose candidate trees are merged each step (e.g. runs/x/drafter+ngram+suffix)"
 )
 
 
@@ -101,16 +103,18 @@ def _load_verifier(args, *, speculative: bool):
 # The options bench sweeps per drafter kind (the kind build_drafter resolves), beside --num-draft-tokens,
 # which every drafter takes. A kind not listed gets the first value of --tree and of --draft-vocab at
 # load, as a lone drafter does, and no sweep of them.
-SWEPT_OPTIONS = {"ngram": (), "medusa": ("tree",), "eagle3": ("tree",), "draft_model": ("draft_vocab",)}
+SWEPT_OPTIONS = {"ngram": (), "suffix": (), "medusa": ("tree",), "eagle3": ("tree",), "draft_model": ("draft_vocab",)}
 _OPTION_FLAGS = {"tree": "--tree", "draft_vocab": "--draft-vocab"}
 
 
 def _drafter_options(args, spec: str, kind: str | None = None) -> dict:
     """build_drafter's options for ``spec``. A lone drafter (``kind`` None) gets them all, as ever (so
     Medusa refuses --draft-vocab N); one of several only those its kind takes."""
+    from .drafters import SUFFIX_FILE
+
     parts = str(spec).split("+")  # a hybrid's parts each take what their kind takes (build_drafter sorts them)
     options = {"max_ngram": args.ngram_max} if "ngram" in parts else {}
-    if any(p not in ("ngram", "none", "plain", "suffix") and not p.startswith("suffix:") for p in parts):
+    if any(p not in ("ngram", "suffix", "none", "plain") and not p.startswith(SUFFIX_FILE) for p in parts):
         takes = SWEPT_OPTIONS.get(kind, tuple(_OPTION_FLAGS))
         options["trust_remote_code"] = args.trust_remote_code
         if "tree" in takes:
@@ -520,6 +524,28 @@ def _add_bench_args(p: argparse.ArgumentParser, *, output: str) -> None:
     g.add_argument("--output", default=output, help="folder for report.json, report.md and report.png (default: %(default)s)")
 
 
+def cmd_suffix_index(args) -> int:
+    from .drafters.suffix_index import build_corpus_index
+    from .verifier import load_verifier
+
+    verifier = load_verifier(args.verifier, dtype="float32", device="cpu", trust_remote_code=args.trust_remote_code)
+    index = build_corpus_index(args.data, verifier, args.output, limit=args.num_conversations,
+                               prompt_tokens=args.prompt_tokens, sort_depth=args.sort_depth)
+    print(f"[specheads] {index.path}: {index.meta['num_conversations']} conversations, {index.num_tokens} tokens "
+          f"for verifier '{verifier.name}'; decode with --drafter suffix:{index.path}")
+    return 0
+
+
+SUFFIX_INDEX_DESCRIPTION = """\
+Build the token index the suffix drafter searches besides the requests it has seen
+(`--drafter suffix:FILE`): the conversations of --data tokenised with the verifier's chat
+template, concatenated, and their suffix array, in one safetensors file whose header records the
+verifier (fingerprint, weights hash, tokenizer). An index for another verifier or tokenizer is
+refused when loaded. Each conversation adds its answer and the last --prompt-tokens tokens of its
+prompt. Self-distilled answers (the verifier's own text) match best.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specheads", description="Train speculative-decoding drafters and decode losslessly with them.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -580,6 +606,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the measurements even when the machine was busy or they never settled (with a warning)")
     p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as markdown to FILE")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("suffix-index", help="index a conversation corpus for the suffix drafter (--drafter suffix:FILE)",
+                       description=SUFFIX_INDEX_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="a self-distilled folder, a .jsonl / .json / .parquet file of conversations "
+                   "('messages' or ShareGPT 'conversations'), a saved dataset folder, a hub dataset name[:split], or "
+                   "sharegpt[:PATH] (ShareGPT V3, read offline)")
+    p.add_argument("--output", required=True, help="the index file to write (replaced atomically), e.g. runs/suffix/sharegpt.safetensors")
+    p.add_argument("--num-conversations", type=int, default=None, help="use the first N usable conversations (default: all)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt tokens kept before each answer; -1 keeps whole prompts (default: %(default)s)")
+    p.add_argument("--sort-depth", type=int, default=64, help="tokens each suffix is sorted by: the drafter's max_match + max_depth "
+                   "may not exceed it (default: %(default)s)")
+    p.add_argument("--verifier", default="smollm2-135m", help="the verifier whose tokenizer and chat template tokenise the data, "
+                   "recorded in the index (default: %(default)s)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.set_defaults(func=cmd_suffix_index)
 
     p = sub.add_parser("demo", help="the embedded-default job: train an EAGLE-3 drafter for SmolLM2-135M, benchmark it, print the speedup",
                        description="Train a drafter for the embedded SmolLM2-135M verifier with a quick recipe (EAGLE-3 on teacher-forced "

@@ -1,8 +1,10 @@
 """Drafters and the name -> builder registry.
 
 ``build_drafter(spec, verifier)`` resolves what a user typed: a registered training-free name
-(``ngram``), ``none`` for plain decoding, a specheads drafter checkpoint (its kind read from the
-``specheads`` block of its ``config.json``), or a plain model directory used as a draft model.
+(``ngram``, ``suffix``), ``suffix:FILE`` (the suffix drafter over a corpus index built by
+``specheads suffix-index``), ``none`` for plain decoding, a specheads drafter checkpoint (its kind
+read from the ``specheads`` block of its ``config.json``), or a plain model directory used as a
+draft model.
 Later drafter kinds register a checkpoint loader here; the engine never branches on kind.
 """
 
@@ -17,11 +19,14 @@ from ..errors import SpecHeadsError
 from .base import DraftContext, Drafter
 from .draft_model import DraftModelDrafter
 from .ngram import NgramDrafter
+from .suffix import SuffixDrafter, load_suffix_drafter
 
 # name -> builder(verifier, **options) for drafters that need no checkpoint
 BUILDERS: dict[str, Callable[..., Drafter]] = {
     "ngram": lambda verifier, **opts: NgramDrafter(**opts),
+    "suffix": lambda verifier, **opts: SuffixDrafter(**opts),
 }
+SUFFIX_FILE = "suffix:"  # --drafter suffix:FILE
 # checkpoint kind -> loader(path, verifier, **options)
 CHECKPOINT_LOADERS: dict[str, Callable[..., Drafter]] = {}
 
@@ -115,10 +120,12 @@ def build_drafter(spec: str | None, verifier, **options) -> Drafter | None:
         return HybridDrafter([build_drafter(n, verifier, **_options_for(n, options)) for n in names])
     if spec in BUILDERS:
         return BUILDERS[spec](verifier, **options)
+    if isinstance(spec, str) and spec.startswith(SUFFIX_FILE):
+        return load_suffix_drafter(spec[len(SUFFIX_FILE):], verifier, **options)
     recover_directory(spec)  # a save killed between its renames leaves the previous folder aside
     if not os.path.exists(spec):
         raise SpecHeadsError(
-            f"unknown drafter '{spec}': not one of {', '.join(['none', *BUILDERS])} and no such file or directory"
+            f"unknown drafter '{spec}': not one of {', '.join(['none', *BUILDERS, SUFFIX_FILE + 'FILE'])} and no such file or directory"
         )
     if not os.path.isfile(os.path.join(spec, "config.json")):
         raise SpecHeadsError(f"drafter directory {spec} has no config.json")
@@ -137,9 +144,9 @@ def build_drafter(spec: str | None, verifier, **options) -> Drafter | None:
 
 def _options_for(spec: str, options: dict) -> dict:
     """The options a hybrid's part takes: a lookup drafter takes only its own (n-gram sizes)."""
-    if spec in BUILDERS:
+    if spec in BUILDERS or spec.startswith(SUFFIX_FILE):
         return {k: v for k, v in options.items() if k in ("max_ngram", "min_ngram")} if spec == "ngram" else {}
     return {k: v for k, v in options.items() if k not in ("max_ngram", "min_ngram")}
 
 
-__all__ = ["BUILDERS", "CHECKPOINT_LOADERS", "DraftContext", "DraftModelDrafter", "Drafter", "NgramDrafter", "build_drafter", "register_checkpoint_kind"]
+__all__ = ["BUILDERS", "CHECKPOINT_LOADERS", "DraftContext", "DraftModelDrafter", "Drafter", "NgramDrafter", "SuffixDrafter", "build_drafter", "register_checkpoint_kind"]
