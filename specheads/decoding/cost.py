@@ -183,12 +183,29 @@ def measure_verify_cost(model, sizes=SIZES, context: int = CONTEXT, *, timer=tim
                        cpu_clock=cpu_clock, check_cpu=device.type == "cpu", label=lambda q: f"q={q}", **timing)
 
 
-def _check_entry(entry, sizes) -> str | None:
+def fitting(model, sizes) -> tuple[int, tuple[int, ...]]:
+    """(context, sizes) that fit the model's positions and attention window: CONTEXT and every size
+    when they do; else a context of half the limit and the sizes that fit after it (tiny models,
+    short windows)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    # Rotary models run past max_position_embeddings (timing only needs them to run); learned
+    # position tables (GPT-2's n_positions) and attention windows do not.
+    rotary = getattr(cfg, "rope_parameters", None) is not None or getattr(cfg, "rope_theta", None) is not None
+    keys = ("n_positions", "sliding_window") + (() if rotary else ("max_position_embeddings",))
+    limits = [getattr(cfg, k, None) for k in keys]
+    limit = min((int(x) for x in limits if isinstance(x, int) and x > 0), default=None)
+    if limit is None or CONTEXT + max(sizes) <= limit:
+        return CONTEXT, tuple(sizes)
+    context = limit // 2
+    return context, tuple(q for q in sizes if context + q <= limit) or (1,)
+
+
+def _check_entry(entry, sizes, context: int = CONTEXT) -> str | None:
     """What is wrong with a stored curve (None: usable)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("ms"), dict) or "measurement" not in entry:
         return "not a curve with its measurement record; an older specheads stored it"
-    if entry.get("context") != CONTEXT:
-        return f"measured on a cache of {entry.get('context')!r} tokens, not {CONTEXT}"
+    if entry.get("context") != context:
+        return f"measured on a cache of {entry.get('context')!r} tokens, not {context}"
     try:
         ms = {int(q): v for q, v in entry["ms"].items()}
     except ValueError:
@@ -216,7 +233,7 @@ def verify_cost_curve(model, *, store=None, remeasure: bool = False, quiet: bool
     from ..verifier import cache_dir
 
     store = Path(store) if store is not None else cache_dir() / STORE
-    sizes = tuple(sorted({_tokens(q) for q in sizes}))
+    context, sizes = fitting(model, tuple(sorted({_tokens(q) for q in sizes})))
     taken: list[Measurement] = []
 
     def measure():
@@ -224,16 +241,16 @@ def verify_cost_curve(model, *, store=None, remeasure: bool = False, quiet: bool
             print(f"[specheads] measuring the verifier's forward cost for q = {', '.join(map(str, sizes))} new tokens "
                   f"(rounds until the medians settle; kept per model, dtype, threads and device in {store})",
                   file=sys.stderr, flush=True)
-        m = measure_verify_cost(model, sizes, timer=timer or time.perf_counter, **timing)
+        m = measure_verify_cost(model, sizes, context, timer=timer or time.perf_counter, **timing)
         taken.append(m)
         entry = {"ms": {q: round(v, 3) for q, v in fit_nondecreasing(m.ms).items()},
                  "measured_ms": {q: round(v, 3) for q, v in m.ms.items()},
                  "spread": {q: round(s, 4) for q, s in m.spread.items()},
-                 "context": CONTEXT, "measurement": m.record()}
+                 "context": context, "measurement": m.record()}
         return entry, m.refusal
 
     entry, reused = measured_once(store, device_key(model), measure, refresh=remeasure, force=force,
-                                  check=lambda e: _check_entry(e, sizes), what="verifier cost per token count")
+                                  check=lambda e: _check_entry(e, sizes, context), what="verifier cost per token count")
     if reused:
         source = "stored"
     elif taken[0].refusal and not force:
