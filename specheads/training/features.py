@@ -46,7 +46,7 @@ class FeatureStore:
     """Per-token verifier features, keyed by the whole token sequence (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike, verifier, aux_layer_ids: list[int], *, say=None):
-        from ..checkpoint import verifier_info
+        from ..verifier import weights_sha256
 
         say = say or (lambda msg: print(f"[specheads] {msg}", file=sys.stderr, flush=True))
         self.aux_layer_ids = [int(i) for i in aux_layer_ids]
@@ -56,7 +56,8 @@ class FeatureStore:
         self.dtype = verifier.dtype
         self.meta = {
             "format": "specheads.features", "version": 1,
-            "verifier": verifier_info(verifier)["fingerprint"], "verifier_name": str(verifier.name),
+            # every tensor's sample, not only the LM head's: a LoRA-adapted verifier has other features
+            "verifier": {**verifier.fingerprint(), "weights_sha256": weights_sha256(verifier.model)}, "verifier_name": str(verifier.name),
             "dtype": str(self.dtype).replace("torch.", ""), "aux_layer_ids": self.aux_layer_ids,
             "hidden_size": self.hidden_size, "row_width": self.width,
         }
