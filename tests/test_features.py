@@ -95,3 +95,27 @@ def test_self_distillation_stores_the_features_of_what_it_writes(tmp_path):
         ref_aux, ref_last, _ = teacher_forced(v, ids)
         torch.testing.assert_close(aux[0, : len(ids) - 1], ref_aux[:-1], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(last[0, : len(ids) - 1], ref_last[:-1], atol=1e-4, rtol=1e-4)
+
+
+def test_multi_turn_conversations_are_answered_on_policy_turn_by_turn(tmp_path):
+    """Round 2 asks the second user turn after the verifier's own first answer; the record is the
+    whole conversation, its prompt what came before the first answer, and only the whole
+    conversation's features are stored."""
+    from test_data import tiny_verifier
+
+    v = tiny_verifier(0)
+    store = FeatureStore(tmp_path / "features", v, AUX)
+    script = {"user_turns": ["what is rain?", "and snow?"]}
+    data = generate_self_distillation(v, [script, "count to five"], tmp_path / "sd", max_new_tokens=6, batch_size=2,
+                                      progress=False, capture=(store, AUX, 512))
+    rec = next(r for r in data if len(r["messages"]) == 4)
+    first = v.encode("what is rain?")
+    with torch.no_grad():
+        a1 = v.model.generate(torch.tensor([first]), do_sample=False, max_new_tokens=6, eos_token_id=EOS, pad_token_id=EOS)[0, len(first):].tolist()
+    a1 = a1[: a1.index(EOS) + 1] if EOS in a1 else a1
+    assert rec["messages"][1] == {"role": "assistant", "content": v.decode(a1)}
+    second = v.encode([{"role": "user", "content": "what is rain?"}, rec["messages"][1], {"role": "user", "content": "and snow?"}])
+    assert rec["input_ids"][: len(second)] == second and rec["prompt_length"] == len(first)
+    assert rec["input_ids"][:len(first)] == first
+    assert store.has(tokens_key(rec["input_ids"]))
+    assert not store.has(tokens_key(first + a1))  # the first round's conversation is not a training example

@@ -129,6 +129,11 @@ def _content_text(content: Any) -> str:
 
 
 def _check_prompt(prompt: Any, index: int) -> Any:
+    if isinstance(prompt, dict) and "user_turns" in prompt:  # a conversation answered turn by turn
+        turns = prompt["user_turns"]
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise SpecHeadsError(f"prompt {index}: user_turns must be a non-empty list of non-blank strings, got {turns!r}")
+        return {"user_turns": list(turns)}
     if isinstance(prompt, str):
         if not prompt.strip():
             raise SpecHeadsError(f"prompt {index} is blank: {prompt!r}")
@@ -138,13 +143,15 @@ def _check_prompt(prompt: Any, index: int) -> Any:
         if turns[-1]["role"] == "assistant":
             raise SpecHeadsError(f"prompt {index} ends with an assistant turn, so there is nothing to answer: {prompt!r}")
         return turns
-    raise SpecHeadsError(f"prompt {index} must be a string or a non-empty list of chat turns, got {prompt!r}")
+    raise SpecHeadsError(f"prompt {index} must be a string, a non-empty list of chat turns or {{'user_turns': [...]}}, got {prompt!r}")
 
 
 def prompt_id(prompt: str | Sequence[dict]) -> str:
     """A stable id for a prompt: sha1 of its text (or of its turns as canonical JSON)."""
     if isinstance(prompt, str):
         payload = prompt
+    elif isinstance(prompt, dict):
+        payload = json.dumps(prompt, ensure_ascii=False, sort_keys=True)
     else:
         payload = json.dumps([{"role": t["role"], "content": t["content"]} for t in prompt], ensure_ascii=False, sort_keys=True)
     return hashlib.sha1(payload.encode("utf-8")).hexdigest()
@@ -534,31 +541,49 @@ def _my_shards(todo: list, shard_size: int, stored: list[dict], procs: _Processe
 
 def _answer_shard(gen: _Generation, chunk: list, stats: dict, bar) -> list[dict]:
     """The records of one shard's prompts, in input order; prompts that leave no room for
-    ``max_new_tokens`` in the verifier's context are counted and skipped."""
-    encoded = []
-    for pid, p in chunk:
-        ids = gen.verifier.encode(p)
-        if not gen.fits(ids):
-            stats["too_long"] += 1
-            continue
-        encoded.append(_Prompt(pid, p, ids))
-    bar.update(len(chunk) - len(encoded))
-    # Longest first, so batches pad little and the largest batch runs first.
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].ids))
-    answers: dict[int, list[int]] = {}
-    for b in range(0, len(order), gen.batch_size):
-        rows = order[b: b + gen.batch_size]
-        t0 = time.perf_counter()
-        out = _answer_batch(gen, [encoded[i] for i in rows])
-        stats["generate_seconds"] += time.perf_counter() - t0
-        for i, ans in zip(rows, out):
-            answers[i] = ans
-            stats["generated_tokens"] += len(ans)
-        bar.update(len(rows))
-    return [_record(gen.verifier, item, answers[i]) for i, item in enumerate(encoded)]
+    ``max_new_tokens`` in the verifier's context are counted and skipped.
+
+    A ``{"user_turns": [...]}`` prompt is answered turn by turn, on policy: round r asks its r-th
+    user turn after the verifier's own earlier answers, and its record is the whole conversation
+    (the answers of every round are trained on). Rounds batch the conversations that reach them."""
+    scripts = [p["user_turns"] if isinstance(p, dict) else None for _, p in chunk]
+    history: list[list[dict]] = [[] for _ in chunk]  # the turns answered so far
+    done: dict[int, tuple[list[int], list[int], int]] = {}  # prompt -> (last prompt ids, answer, first prompt length)
+    first_len: dict[int, int] = {}
+    active = list(range(len(chunk)))
+    for r in range(max(len(t) for t in scripts if t) if any(scripts) else 1):
+        encoded, final = [], []
+        for i in active:
+            pid, p = chunk[i]
+            if scripts[i] is not None:
+                p = history[i] + [{"role": "user", "content": scripts[i][r]}]
+            ids = gen.verifier.encode(p)
+            if not gen.fits(ids):
+                if i not in done:
+                    stats["too_long"] += 1
+                continue
+            first_len.setdefault(i, len(ids))
+            encoded.append((i, _Prompt(pid, p, ids)))
+            final.append(scripts[i] is None or r + 1 == len(scripts[i]))
+        # Longest first, so batches pad little and the largest batch runs first.
+        order = sorted(range(len(encoded)), key=lambda j: -len(encoded[j][1].ids))
+        for b in range(0, len(order), gen.batch_size):
+            rows = order[b: b + gen.batch_size]
+            t0 = time.perf_counter()
+            out = _answer_batch(gen, [encoded[j][1] for j in rows], [final[j] for j in rows])
+            stats["generate_seconds"] += time.perf_counter() - t0
+            for j, ans in zip(rows, out):
+                i, item = encoded[j]
+                done[i] = (item.ids, ans, first_len[i])
+                stats["generated_tokens"] += len(ans)
+                if scripts[i] is not None:
+                    history[i] = item.prompt + [{"role": "assistant", "content": gen.verifier.decode(ans)}]
+        active = [i for i, _ in encoded if scripts[i] is not None and r + 1 < len(scripts[i])]
+    bar.update(len(chunk))
+    return [_record(gen.verifier, chunk[i], history[i], *done[i]) for i in range(len(chunk)) if i in done]
 
 
-def _answer_batch(gen: _Generation, batch: list[_Prompt]) -> list[list[int]]:
+def _answer_batch(gen: _Generation, batch: list[_Prompt], final: list[bool] | None = None) -> list[list[int]]:
     """The verifier's answer ids to one batch of prompts. Sampling is seeded by the batch's prompts,
     so a resumed or differently split run draws the same answers. With ``gen.capture`` the
     generation's own forwards also give every conversation's features, which are stored."""
@@ -572,19 +597,21 @@ def _answer_batch(gen: _Generation, batch: list[_Prompt]) -> list[list[int]]:
     with FeatureCapture(gen.verifier.model, aux_ids) as cap:
         answers = _generate_batch(gen.verifier, prompts, gen.config, gen.pad_id, seed)
     rows = features_from_generation(cap, max(map(len, prompts)), [len(p) for p in prompts], answers, max_length)
-    store.put([(tokens_key((p + a)[: len(aux)]), aux, last, argmax) for p, a, (aux, last, argmax) in zip(prompts, answers, rows)])
+    final = final or [True] * len(batch)
+    store.put([(tokens_key((p + a)[: len(aux)]), aux, last, argmax)
+               for p, a, (aux, last, argmax), keep in zip(prompts, answers, rows, final) if keep])
     return answers
 
 
-def _record(verifier, item: _Prompt, answer: list[int]) -> dict:
-    """One stored conversation: the prompt's turns plus the answer, and its token ids."""
-    turns = [{"role": "user", "content": item.prompt}] if isinstance(item.prompt, str) else list(item.prompt)
-    return {
-        "prompt_id": item.pid,
-        "messages": turns + [{"role": "assistant", "content": verifier.decode(answer)}],
-        "input_ids": list(item.ids) + answer,
-        "prompt_length": len(item.ids),
-    }
+def _record(verifier, prompt: tuple[str, Any], history: list[dict], ids: list[int], answer: list[int], first_len: int) -> dict:
+    """One stored conversation: its turns and token ids, the prompt being what came before the first
+    answer (for a multi-turn conversation the later user turns sit among the trained answers)."""
+    pid, p = prompt
+    if isinstance(p, dict):
+        turns = history
+    else:
+        turns = ([{"role": "user", "content": p}] if isinstance(p, str) else list(p)) + [{"role": "assistant", "content": verifier.decode(answer)}]
+    return {"prompt_id": pid, "messages": turns, "input_ids": list(ids) + answer, "prompt_length": min(first_len, len(ids))}
 
 
 def _write_shard(folder: Path, name: str, records: list[dict]) -> None:

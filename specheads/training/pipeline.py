@@ -22,7 +22,7 @@ def prepare_datasets(recipe, verifier, accelerator=None):
         from .prompt_source import training_prompts
 
         s = d.self_distill
-        prompts = training_prompts(s.prompts, s.num_prompts, seed=recipe.training.seed)
+        prompts = training_prompts(s.prompts, s.num_prompts, seed=recipe.training.seed, turns=s.turns)
         from .objectives import feature_capture
 
         generate_self_distillation(

@@ -360,16 +360,19 @@ def training_prompt_pool() -> list[tuple[str, str]]:
     return list(_pool())
 
 
-def training_prompts(source: str, n: int | None = None, seed: int = 0) -> list:
+def training_prompts(source: str, n: int | None = None, seed: int = 0, turns: int = 1) -> list:
     """A recipe's ``data.self_distill.prompts``: ``default`` (this module), ``sharegpt[:PATH]``
-    (ShareGPT's first user turns) in an order fixed by ``seed``, or any ``load_prompts`` source
-    (in its own order)."""
+    (ShareGPT's first user turns, or with ``turns`` > 1 its conversations' first ``turns`` user
+    turns, answered one after the other) in an order fixed by ``seed``, or any ``load_prompts``
+    source (in its own order)."""
     from ..prompts import load_prompts
-    from .sharegpt import first_user_turns, is_sharegpt_source, source_path
+    from .sharegpt import first_user_turns, is_sharegpt_source, source_path, user_turn_scripts
 
     if source == "default":
         return default_training_prompts(n, seed=seed)
     if is_sharegpt_source(source):
+        if turns > 1:
+            return user_turn_scripts(source_path(source), limit=n, seed=seed, max_turns=turns)
         return first_user_turns(source_path(source), limit=n, seed=seed)
     return load_prompts(source, limit=n)
 

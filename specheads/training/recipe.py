@@ -72,6 +72,9 @@ class SelfDistillSection:
     # first user turns (in an order fixed by training.seed); or a prompt source as in `specheads bench`
     prompts: str = "default"
     num_prompts: int | None = 256
+    # sharegpt prompts: answer each conversation's first `turns` user turns one after the other, each
+    # after the verifier's own earlier answers (on-policy multi-turn data; MT-Bench's second turns are like these)
+    turns: int = 1
     max_new_tokens: int = 256
     temperature: float = 0.0
     batch_size: int = 8
@@ -217,6 +220,7 @@ class Recipe:
                 ("data.self_distill.temperature", s.temperature, s.temperature >= 0),
                 ("data.self_distill.batch_size", s.batch_size, s.batch_size >= 1),
                 ("data.self_distill.num_prompts", s.num_prompts, s.num_prompts is None or s.num_prompts >= 2),
+                ("data.self_distill.turns", s.turns, isinstance(s.turns, int) and 1 <= s.turns <= 16),
             ]
         if t.lora is not None:
             checks += [

@@ -253,3 +253,34 @@ def first_user_turns(path: str | os.PathLike | None = None, limit: int | None = 
           file=sys.stderr, flush=True)
     ordered = sorted(seen, key=lambda text: _rank(text, seed))
     return ordered if limit is None else ordered[:limit]
+
+
+def user_turn_scripts(path: str | os.PathLike | None = None, limit: int | None = None, seed: int = 0,
+                      max_turns: int = 2) -> list[dict]:
+    """Conversations to answer on policy, turn by turn: ``{"user_turns": [...]}`` with each
+    conversation's first ``max_turns`` user turns (a conversation stops at its first turn longer
+    than ``MAX_PROMPT_CHARS``), distinct by first turn, in an order fixed by ``seed`` (the order of
+    ``first_user_turns``); the first ``limit`` of them."""
+    _check_limit(limit)
+    if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
+        raise SpecHeadsError(f"max_turns must be a positive integer, got {max_turns!r}")
+    stats = ReadStats()
+    scripts: dict[str, list[str]] = {}
+    for turns in iter_conversations(path, stats=stats):
+        users = []
+        for t in turns:
+            if t["role"] != "user":
+                continue
+            text = t["content"].strip()
+            if not text or len(text) > MAX_PROMPT_CHARS or len(users) == max_turns:
+                break
+            users.append(text)
+        if users and users[0] not in scripts:
+            scripts[users[0]] = users
+    if not scripts:
+        raise SpecHeadsError(f"no usable user turns in {sharegpt_path(path)} ({stats.records} records)")
+    multi = sum(len(u) > 1 for u in scripts.values())
+    print(f"[specheads] ShareGPT: {len(scripts)} conversations to answer turn by turn ({multi} with 2 to {max_turns} user turns)",
+          file=sys.stderr, flush=True)
+    ordered = sorted(scripts, key=lambda text: _rank(text, seed))
+    return [{"user_turns": scripts[k]} for k in (ordered if limit is None else ordered[:limit])]
