@@ -167,3 +167,29 @@ def test_two_processes_match_one(tmp_path):
         torch.testing.assert_close(w1[key], w2[key], atol=1e-4, rtol=1e-3)
     for key in ev1:  # the evaluation, summed over both processes' halves of the eval set
         assert ev1[key] == pytest.approx(ev2[key], abs=1e-6), key
+
+
+def test_eval_counts_chain_acceptance_given_every_earlier_top1_hit():
+    """eval/chain_acc_step{i}: of the positions where steps 0..i-1 all drafted the verifier's
+    argmax, the share where step i does too (what a greedy chain is accepted at on this text)."""
+    from specheads.training.objectives.eagle3 import Eagle3Objective
+
+    obj = Eagle3Objective.__new__(Eagle3Objective)
+    obj.steps = 3
+    obj.draft_ids = torch.arange(4)
+    # one sequence, 6 valid positions at step 0 (5 at step 1, 4 at step 2); logits pick token 0 or 1
+    hit, miss = torch.tensor([9.0, 0, 0, 0]), torch.tensor([0, 9.0, 0, 0])
+    rows = []
+    pattern = [[1, 1, 0, 1, 1, 0], [1, 0, 1, 1, 1], [1, 0, 1, 0]]  # top-1 hit per step and position
+    for i, hits in enumerate(pattern):
+        student = torch.stack([hit if h else miss for h in hits])
+        valid = torch.ones(1, len(hits), dtype=torch.bool)
+        rows.append((student, None, torch.zeros(len(hits), dtype=torch.long), valid))
+    obj._steps = lambda module, batch, steps, teacher=False: rows + [None] * (steps - len(rows))
+    batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    summary = Eagle3Objective.summarize(obj.eval_counts(None, batch))
+    assert summary["eval/chain_acc_step0"] == pytest.approx(4 / 6)
+    # step 1 at the 4 positions step 0 hit (0, 1, 3, 4): hits at 0, 3, 4
+    assert summary["eval/chain_acc_step1"] == pytest.approx(3 / 4)
+    # step 2 (4 positions) where steps 0 and 1 both hit (0, 3): hits at 0 only
+    assert summary["eval/chain_acc_step2"] == pytest.approx(1 / 2)

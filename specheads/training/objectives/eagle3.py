@@ -182,7 +182,9 @@ class Eagle3Objective:
     def eval_counts(self, module, batch) -> dict[str, torch.Tensor]:
         """Per step: hits of the draft's rank-r token on the verifier's argmax (out-of-vocabulary
         argmaxes count as misses), the same given every earlier step had it in its top RANKS (what
-        a tree could reach), and the run of consecutive top-1 hits from step 0 (a chain's tau)."""
+        a tree could reach), the same given every earlier step's top-1 was a hit (what a chain
+        sees: on the verifier's own text, decoding's acceptance at that position), and the run of
+        consecutive top-1 hits from step 0 (a chain's tau)."""
         steps = max(self.steps, EVAL_STEPS)
         rows = self._steps(module, batch, steps, teacher=False)
         B, T = batch["input_ids"].shape
@@ -190,8 +192,11 @@ class Eagle3Objective:
         rank_hits = torch.zeros(steps, RANKS, dtype=torch.long)
         cond_hits = torch.zeros(steps, RANKS, dtype=torch.long)
         cond_valid = torch.zeros(steps, dtype=torch.long)
+        chain_hits = torch.zeros(steps, dtype=torch.long)
+        chain_valid = torch.zeros(steps, dtype=torch.long)
         top1 = torch.zeros(B, T, steps, dtype=torch.bool)
         reached = torch.ones(B, T, dtype=torch.bool)  # earlier steps all had the token in their top RANKS
+        chained = torch.ones(B, T, dtype=torch.bool)  # earlier steps' top-1 all hit
         base = None
         for i, row in enumerate(rows):
             if row is None:
@@ -209,6 +214,10 @@ class Eagle3Objective:
             cond_hits[i, : at_rank.shape[-1]] = (full & here[..., None]).sum((0, 1))
             cond_valid[i] = here.sum()
             top1[:, :n, i] = full[..., 0]
+            alive = chained[:, :n] & valid
+            chain_valid[i] = alive.sum()
+            chain_hits[i] = (alive & full[..., 0]).sum()
+            chained = chained[:, :n] & full[..., 0]
             reached = reached[:, :n] & full.any(-1)
             if i == 0:
                 base = valid
@@ -216,15 +225,18 @@ class Eagle3Objective:
         positions = base.sum() if base is not None else torch.tensor(0)
         run_sum = run[:, : base.shape[1]][base].sum() if base is not None else torch.tensor(0)
         return {"valid": valid_at, "rank_hits": rank_hits, "cond_rank_hits": cond_hits, "cond_valid": cond_valid,
-                "run_sum": run_sum, "positions": positions}
+                "chain_hits": chain_hits, "chain_valid": chain_valid, "run_sum": run_sum, "positions": positions}
 
     @staticmethod
     def summarize(counts: dict[str, torch.Tensor]) -> dict[str, float]:
         acc = counts["rank_hits"].float() / counts["valid"].clamp_min(1).float()[:, None]
         cond = counts["cond_rank_hits"].float() / counts["cond_valid"].clamp_min(1).float()[:, None]
         out = {}
+        chain = counts["chain_hits"].float() / counts["chain_valid"].clamp_min(1).float() if "chain_hits" in counts else None
         for i in range(acc.shape[0]):
             out[f"eval/top1_step{i}"] = float(acc[i, 0])
+            if chain is not None:
+                out[f"eval/chain_acc_step{i}"] = float(chain[i])
             out.update({f"eval/cond_rank{r}_step{i}": float(cond[i, r]) for r in range(cond.shape[1])})
         out["eval/top4_step0"] = float(acc[0].sum())
         # Chain tau implied by teacher-forced greedy data: 1 + mean run of consecutive hits.
