@@ -136,6 +136,9 @@ def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[li
     entries = bench_drafters(drafter, cfg)
 
     def engine_method(d, k: int):
+        # A drafter that learns across requests (the suffix index) gets its own copy per method:
+        # sharing one, a method would draft a prompt from another method's run of the same prompt.
+        d = d.fresh() if hasattr(d, "fresh") else d
         decoder = SpeculativeDecoder(
             verifier, d, num_draft_tokens=k, control=cfg.control,
             typical_acceptance={} if cfg.typical_acceptance and d is not None else None,
@@ -146,6 +149,7 @@ def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[li
             return out.token_ids, out.stats
 
         run.num_draft_tokens = k if d is not None else None
+        run.drafter_object = d
         return run
 
     methods["plain"] = engine_method(None, 0)
@@ -209,6 +213,8 @@ def run_benchmark(verifier, drafter, encoded: list[list[int]], cfg: BenchConfig,
     # Warm-up: one short run of each method (allocator, kernels, lazy init) that is not counted.
     for run in methods.values():
         run(encoded[0][:64], cfg.seed)
+        if hasattr(getattr(run, "drafter_object", None), "clear_history"):
+            run.drafter_object.clear_history()  # the warm-up's output must not draft the first prompt's timed run
     names = list(methods)
     for i, ids in enumerate(tqdm(encoded, desc="benchmark prompts", disable=not progress)):
         order = names[i % len(names) :] + names[: i % len(names)]

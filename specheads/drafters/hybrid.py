@@ -31,6 +31,15 @@ class HybridDrafter:
     def detail(self) -> str:
         return " + ".join(f"{p.name} ({p.detail})" if getattr(p, "detail", None) else p.name for p in self.parts)
 
+    def fresh(self) -> "HybridDrafter":
+        """The same parts, those that learn across requests (``fresh``) without their history."""
+        return HybridDrafter([p.fresh() if hasattr(p, "fresh") else p for p in self.parts])
+
+    def clear_history(self) -> None:
+        for p in self.parts:
+            if hasattr(p, "clear_history"):
+                p.clear_history()
+
     # The engine drives the parts itself; these make a hybrid usable as a plain drafter too.
     def start(self, prompt_ids: list[int]) -> None:
         for p in self.parts:

@@ -154,6 +154,12 @@ class SuffixDrafter:
             self._history_sa = SuffixArray.build(self._history, sort_depth=self.max_match + self.max_depth)
             self._recent.clear()
 
+    def fresh(self) -> "SuffixDrafter":
+        """A drafter with the same corpus and options and no earlier requests: a benchmark gives
+        each method its own, so no method drafts a prompt from another method's run of it."""
+        return SuffixDrafter(self.corpus, max_depth=self.max_depth, max_nodes=self.max_nodes, min_token_prob=self.min_token_prob,
+                             spec_factor=self.spec_factor, max_match=self.max_match, max_cached_requests=self.max_cached_requests)
+
     def clear_history(self) -> None:
         """Forget the earlier requests (the corpus stays), e.g. after a benchmark's warm-up, whose
         outputs would otherwise draft the same prompts' timed runs."""
