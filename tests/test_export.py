@@ -455,7 +455,20 @@ def test_eagle3_cli_export(tmp_path, capsys):
 
     save_eagle3(tmp_path / "ckpt", eagle3_model(deep_llama(), aux=[1, 2, 3], draft_vocab=30), deep_llama())
     assert cli_main(["export", "--format", "vllm", str(tmp_path / "ckpt"), str(tmp_path / "vllm")]) == 0
-    assert '"method": "eagle3"' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '"method": "eagle3"' in out and "goodput control" in out and "drafts a chain" in out
+
+
+def test_hybrid_export_writes_the_trained_part_and_names_what_vllm_cannot_merge(tmp_path, capsys):
+    from specheads.drafters.eagle3 import save_eagle3
+
+    save_eagle3(tmp_path / "ckpt", eagle3_model(deep_llama(), aux=[1, 2, 3], draft_vocab=30), deep_llama())
+    assert cli_main(["export", "--format", "vllm", f"{tmp_path / 'ckpt'}+ngram+suffix", str(tmp_path / "vllm")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "vllm" / "config.json").is_file() and '"method": "eagle3"' in out
+    assert "the n-gram part" in out and '"method": "ngram"' in out and "the suffix part" in out and "arctic-inference" in out
+    assert cli_main(["export", "--format", "vllm", "ngram+suffix", str(tmp_path / "none")]) == 2
+    assert "name one trained drafter folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("aux, named", [
