@@ -186,7 +186,8 @@ class SpeculativeDecoder:
         drafting = bool(parts) and self.num_draft_tokens > 0
         controller = None
         if drafting and self.control == "goodput":
-            controller = GoodputController(self.cost_curve(), len(parts), calibrator=self._calibrator)
+            controller = GoodputController(self.cost_curve(), len(parts), calibrator=self._calibrator,
+                                           priors=[getattr(p, "acceptance_prior", None) for p in parts])
         stats = DecodingStats()
         start = time.perf_counter()
 

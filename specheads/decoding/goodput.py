@@ -138,8 +138,12 @@ class GoodputController:
     PROBE_MAX = 16  # at most this many steps between tries: a try costs about a draft and one node
     NEGLIGIBLE = 0.02  # a relative goodput difference too small to act on
 
-    def __init__(self, cost, num_sources: int, *, max_nodes: int = 64, calibrator: Calibrator | None = None):
+    def __init__(self, cost, num_sources: int, *, max_nodes: int = 64, calibrator: Calibrator | None = None,
+                 priors: list[list[float] | None] | None = None):
+        """``priors[source]``: the source's acceptance per depth before any evidence (e.g. what a
+        trained drafter recorded on held-out text), read where a level's worth is estimated."""
         self.cost = cost
+        self.priors = priors or [None] * num_sources
         self.max_nodes = max_nodes
         self.calibrator = calibrator or Calibrator()
         self.sources = [_SourceState() for _ in range(num_sources)]
@@ -196,7 +200,9 @@ class GoodputController:
                 for d, score in enumerate(path, 1):
                     p *= self.calibrator.estimate(source, d, score)
                 reach += p
-            gained = min(1.0, reach) * self.calibrator.mean(source, depth)
+            prior = self.priors[source]
+            default = prior[min(depth, len(prior)) - 1] if prior else 0.5
+            gained = min(1.0, reach) * self.calibrator.mean(source, depth, default)
             tokens = 1.0 + s.with_tokens.get(1.0)
             per_token = (s.draft_s.get(0.0) + self._seconds(max(1, round(s.with_nodes.get(1.0)) + 1))) / tokens
             return gained * per_token > level

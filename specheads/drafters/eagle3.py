@@ -343,6 +343,10 @@ class Eagle3Drafter:
         self.tree = tree
         self.top_k = top_k
         self.proposes_trees = tree != "chain"  # the engine checks trees against the verifier at setup
+        # Acceptance per depth of a greedy chain on held-out verifier text, as training recorded it:
+        # goodput control's estimate of a level's worth before it has seen this drafter's drafts.
+        record = (getattr(model, "training_record", None) or {}).get("eval") or {}
+        self.acceptance_prior = [float(record[f"eval/chain_acc_step{i}"]) for i in range(16) if f"eval/chain_acc_step{i}" in record] or None
         self.start([])
 
     @property
