@@ -53,12 +53,39 @@ class StreamedLinear(nn.Linear):
         return super().extra_repr() + f", streamed_rows={sorted(self.rows)}"
 
 
+class Float32Head(StreamedLinear):
+    """A reduced-precision LM head that computes float32 logits: the input upcast, times a float32
+    copy of the weight. ``weight`` stays the head's own Parameter (tied embeddings stay tied and in
+    their dtype); the copy is a non-persistent buffer, so checkpoints are unchanged. Streams like a
+    ``StreamedLinear`` for the row counts ``stream_linears`` gives it."""
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, rows: Iterable[int] = ()) -> "Float32Head":
+        new = super().wrap(linear, rows)
+        new.register_buffer("weight32", linear.weight.detach().float(), persistent=False)
+        new.register_buffer("bias32", None if linear.bias is None else linear.bias.detach().float(), persistent=False)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if rows not in self.rows or x.device.type != "cpu":
+            return nn.functional.linear(x, self.weight32, self.bias32)
+        y = (self.weight32 @ x.reshape(rows, x.shape[-1]).T).T
+        if self.bias32 is not None:
+            y = y + self.bias32
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", float32 logits"
+
+
 def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, layer) for every plain or streamed ``nn.Linear`` (not peft / quantised subclasses)."""
     found = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            if type(child) in (nn.Linear, StreamedLinear):
+            if type(child) in (nn.Linear, StreamedLinear, Float32Head):
                 found.append((parent, name, child))
     return found
 
@@ -139,7 +166,9 @@ def machine_key(model: nn.Module) -> str:
 
     cfg = model.config
     layers = getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", "?"))
-    dtype = next(model.parameters()).dtype
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    if isinstance(model.get_output_embeddings(), Float32Head):
+        dtype += "+float32-head"  # a different head cost per token count
     head = fingerprint(model)  # hashes LM-head rows: once
     model_id = f"{cfg.model_type}-{layers}x{head['hidden_size']}-{head['lm_head_sha256']}"
     cpu = platform.processor() or platform.machine()
@@ -148,7 +177,7 @@ def machine_key(model: nn.Module) -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{model_id}|{str(dtype).replace('torch.', '')}|threads={torch.get_num_threads()}|{cpu}|torch={torch.__version__}"
+    return f"{model_id}|{dtype}|threads={torch.get_num_threads()}|{cpu}|torch={torch.__version__}"
 
 
 def tune_or_reuse(model: nn.Module, key: str, store: str | os.PathLike, *, retune: bool = False) -> dict:
