@@ -54,30 +54,43 @@ class StreamedLinear(nn.Linear):
 
 
 class Float32Head(StreamedLinear):
-    """A reduced-precision LM head that computes float32 logits: the input upcast, times a float32
-    copy of the weight. ``weight`` stays the head's own Parameter (tied embeddings stay tied and in
-    their dtype); the copy is a non-persistent buffer, so checkpoints are unchanged. Streams like a
-    ``StreamedLinear`` for the row counts ``stream_linears`` gives it."""
+    """A reduced-precision LM head whose logits are float32 where they decide: the top ``refine``
+    tokens of each row are recomputed in float32 from the same input row and weights, the rest
+    keep the head's own rounded values. A bfloat16 logit is rounded to 8 significant bits (steps of
+    0.125 at 16..32), so exact top-2 ties are common and any rounding difference between forwards
+    decides them; refined, argmax and top-2 gap are the float32 computation's at the cost of a few
+    dot products, where a float32 copy of the head would double the bytes it reads per token.
 
-    @classmethod
-    def wrap(cls, linear: nn.Linear, rows: Iterable[int] = ()) -> "Float32Head":
-        new = super().wrap(linear, rows)
-        new.register_buffer("weight32", linear.weight.detach().float(), persistent=False)
-        new.register_buffer("bias32", None if linear.bias is None else linear.bias.detach().float(), persistent=False)
-        return new
+    Where a token outside the top ``refine`` could still beat the refined runner-up (its value is
+    within one step of it: many near-equal logits), that row is computed wholly in float32.
+    ``weight`` is the head's own Parameter (tied embeddings stay tied and in their dtype); nothing
+    is added to the state dict. Streams like a ``StreamedLinear``."""
+
+    refine = 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if rows not in self.rows or x.device.type != "cpu":
-            return nn.functional.linear(x, self.weight32, self.bias32)
-        y = (self.weight32 @ x.reshape(rows, x.shape[-1]).T).T
-        if self.bias32 is not None:
-            y = y + self.bias32
-        return y.reshape(*x.shape[:-1], self.out_features)
+        low = super().forward(x)
+        rows = low.reshape(-1, self.out_features)
+        xs = x.reshape(-1, self.in_features).float()
+        k = min(self.refine, self.out_features)
+        top = rows.topk(k, dim=-1)
+        exact = torch.einsum("rh,rkh->rk", xs, self.weight[top.indices].float())
+        if self.bias is not None:
+            exact = exact + self.bias.float()[top.indices]
+        out = rows.float().scatter(-1, top.indices, exact)
+        if k < self.out_features:
+            runner_up = exact.topk(min(2, k), dim=-1).values[:, -1]
+            kth = top.values[:, -1].float()
+            # one step of the head's dtype at that magnitude covers its rounding (half a step) and accumulation order
+            step = torch.finfo(low.dtype).eps * torch.ldexp(torch.ones_like(kth), torch.frexp(torch.maximum(kth.abs(), runner_up.abs())).exponent - 1)
+            unsure = (kth + step >= runner_up).nonzero().flatten()
+            if len(unsure):
+                bias = None if self.bias is None else self.bias.float()
+                out[unsure] = nn.functional.linear(xs[unsure], self.weight.float(), bias)
+        return out.reshape(*low.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", float32 logits"
+        return super().extra_repr() + f", float32 top-{self.refine} logits"
 
 
 def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:

@@ -312,21 +312,23 @@ def converted_alias_dir(alias: str) -> Path:
 
 
 def use_float32_head(model) -> str | None:
-    """Compute a reduced-precision model's LM head in float32 (``Float32Head``), so that its
-    logits are not rounded to bfloat16, whose coarse steps make exact top-2 ties common. Returns
-    what now runs in float32, or None where nothing changed (a float32 model, or a head that is
-    not a plain linear layer)."""
+    """Give a reduced-precision model float32 logits where they decide (``Float32Head``: its top
+    16 per row recomputed in float32), so that they are not rounded to bfloat16, whose coarse
+    steps make exact top-2 ties common. The final norm keeps the model's dtype: in float32 it cut
+    no further flips (docs/bench.md), and the drafters read its output. Returns what now runs in
+    float32, or None where nothing changed (a float32 model, or a head that is not a plain linear)."""
     from torch import nn
 
     from .streamed_linear import Float32Head, StreamedLinear
 
     head = model.get_output_embeddings()
+    what = f"LM head's top-{Float32Head.refine} logits"
     if isinstance(head, Float32Head):
-        return "LM head"
+        return what
     if type(head) not in (nn.Linear, StreamedLinear) or head.weight.dtype == torch.float32:
         return None
     model.set_output_embeddings(Float32Head.wrap(head, getattr(head, "rows", ())))
-    return "LM head"
+    return what
 
 
 def load_verifier(
@@ -341,8 +343,9 @@ def load_verifier(
     """Load a verifier by alias, local directory, GGUF file or hub id, in eval mode.
 
     ``dtype``: float32, bfloat16, float16, or auto (bfloat16 where ``native`` says the device
-    computes it natively, else float32). ``float32_head``: compute a bfloat16 / float16 verifier's
-    LM head in float32 (None: yes); the embeddings and every other layer keep ``dtype``."""
+    computes it natively, else float32). ``float32_head``: float32 logits for a bfloat16 / float16
+    verifier (``use_float32_head``; None: where its head allows, True: or an error); the weights,
+    the embeddings included, keep ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)

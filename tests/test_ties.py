@@ -93,7 +93,7 @@ class FakeVerifier:
     device = torch.device("cpu")
     dtype = torch.bfloat16
     dtype_choice = "auto -> bfloat16 (CPU has avx512_bf16)"
-    float32_head = "LM head"
+    float32_head = "LM head's top-16 logits"
 
 
 def results_with(outputs_by_method: dict, margins=MARGINS, with_hf=False) -> dict:
@@ -117,11 +117,11 @@ def test_report_fields_and_the_single_drafter_table():
     assert spec["differences"][0]["position"] == 1 and spec["identical_to_verifier"] is False
     assert report["methods"]["plain"]["identity"] == "exact"  # plain decoding is held to HF generate's outputs
     assert report["dtype"] == "bfloat16" and report["dtype_choice"].startswith("auto -> bfloat16")
-    assert report["float32_head"] == "LM head"
+    assert report["float32_head"] == "LM head's top-16 logits"
     table = markdown_table(report)
     assert "| speculative | 12.0 | 1.00x | - | - | ties (1) |" in table
     assert "| plain | 12.0 | 1.00x | - | - | exact |" in table
-    assert "cpu bfloat16 (auto -> bfloat16 (CPU has avx512_bf16); LM head in float32)" in table
+    assert "cpu bfloat16 (auto -> bfloat16 (CPU has avx512_bf16); LM head's top-16 logits in float32)" in table
 
 
 def test_plain_decoding_differing_from_hf_generate_is_classified_by_its_own_margins():
@@ -144,7 +144,7 @@ def test_side_by_side_table_and_sampling_without_identity():
     table = markdown_table(report)
     assert "| speculative[ngram] | ngram | - | 12.0 | 1.00x | - | - | ties (1) |" in table
     assert "| speculative[ngram2] | ngram2 | - | 12.0 | 1.00x | - | - | mismatch |" in table
-    assert "2 drafters side by side, cpu bfloat16 (auto -> bfloat16 (CPU has avx512_bf16); LM head in float32)" in table
+    assert "2 drafters side by side, cpu bfloat16 (auto -> bfloat16 (CPU has avx512_bf16); LM head's top-16 logits in float32)" in table
 
     sampled = make_report(FakeVerifier(), drafters, REF, results, BenchConfig(sampling=SamplingParams(temperature=0.8)))
     assert all("identity" not in m for m in sampled["methods"].values())
@@ -193,7 +193,7 @@ def test_load_verifier_auto_records_its_choice(tmp_path):
                       num_key_value_heads=2, tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     v = load_verifier(str(tmp_path), dtype="auto", native=lambda d: "test says so")
-    assert v.dtype == torch.bfloat16 and v.dtype_choice == "auto -> bfloat16 (test says so)" and v.float32_head == "LM head"
+    assert v.dtype == torch.bfloat16 and v.dtype_choice == "auto -> bfloat16 (test says so)" and v.float32_head == "LM head's top-16 logits"
     v = load_verifier(str(tmp_path), dtype="auto", native=lambda d: None)
     assert v.dtype == torch.float32 and v.dtype_choice.startswith("auto -> float32") and v.float32_head is None
     with pytest.warns(UserWarning, match="without native bfloat16"):
@@ -218,22 +218,46 @@ def test_float32_head_computes_float32_logits_from_the_bf16_hidden_state(tied):
     ids = torch.tensor([list(REPETITIVE_PROMPTS[1])])
     with torch.no_grad():
         before = v.model(input_ids=ids, output_hidden_states=True)
-    assert use_float32_head(v.model) == "LM head"
+    assert use_float32_head(v.model) == "LM head's top-16 logits"
     with torch.no_grad():
         after = v.model(input_ids=ids, output_hidden_states=True)
     hidden = after.hidden_states[-1]  # the final norm's output, still bf16
     assert hidden.dtype == torch.bfloat16 and torch.equal(hidden, before.hidden_states[-1])
-    expected = hidden.double() @ v.model.get_input_embeddings().weight.double().T if tied else \
-        hidden.double() @ v.model.lm_head.weight.double().T
-    assert after.logits.dtype == torch.float32
-    assert torch.allclose(after.logits.double(), expected, rtol=1e-6, atol=1e-5)
-    # the bf16 head rounds its logits: the float32 one does not
-    assert not torch.equal(after.logits, before.logits.float())
+    weight = v.model.get_input_embeddings().weight if tied else v.model.lm_head.weight
+    expected = (hidden.double() @ weight.double().T)[0]
+    got = after.logits[0]
+    assert got.dtype == torch.float32
+    # the top 16 of each row are the float32 computation's, to float32 rounding; the rest its bf16 rounding
+    top = got.topk(16, dim=-1)
+    assert torch.allclose(top.values.double(), expected.gather(-1, top.indices), rtol=1e-6, atol=1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert (got.double() - expected).abs().max() <= expected.abs().max() * 2**-8
+    # the bf16 head rounds its logits to 8 significant bits: the float32 one does not
+    assert not torch.equal(got.topk(2).values, before.logits[0].float().topk(2).values)
     embeddings = v.model.get_input_embeddings().weight
     assert embeddings.dtype == torch.bfloat16 and v.model.get_output_embeddings().weight.dtype == torch.bfloat16
     assert (v.model.get_output_embeddings().weight is embeddings) == tied
     assert v.dtype == torch.bfloat16
-    assert "weight32" not in v.model.state_dict() and "lm_head.weight32" not in v.model.state_dict()
+    assert set(v.model.state_dict()) == set(make_verifier("llama", seed=4).model.state_dict())  # checkpoints unchanged
+
+
+def test_float32_head_computes_a_row_of_many_near_ties_wholly_in_float32():
+    """30 tokens with the same weights tie at the top: more than the 16 refined, so that row is
+    computed in float32 throughout (a token outside the 16 could otherwise win)."""
+    from specheads.streamed_linear import Float32Head
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 200, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight[100:130] = linear.weight[7]
+        linear.bias[100:130] = linear.bias[7]
+    x = torch.stack([linear.weight[7].float() * 5, torch.randn(32)]).to(torch.bfloat16)
+    got = Float32Head.wrap(linear)(x)
+    expected = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    assert torch.allclose(got[0], expected[0], rtol=1e-6, atol=1e-5)  # wholly float32
+    assert not torch.allclose(got[1], expected[1], rtol=1e-6, atol=1e-5)  # a plain row: only its top 16
+    top = got[1].topk(16)
+    assert torch.allclose(top.values, expected[1][top.indices], rtol=1e-6, atol=1e-5)
 
 
 def test_float32_head_streams_and_decodes_losslessly():
@@ -248,6 +272,8 @@ def test_float32_head_streams_and_decodes_losslessly():
     head = v.model.get_output_embeddings()
     assert head.rows == frozenset(range(2, 17))
     x = torch.randn(1, 4, 32, dtype=torch.bfloat16)
-    assert torch.allclose(head(x), torch.nn.functional.linear(x.float(), head.weight.float()), atol=1e-5)
+    streamed = head(x)
+    head.rows = frozenset()
+    assert torch.allclose(streamed, head(x), atol=1e-5) and streamed.dtype == torch.float32
     spec = SpeculativeDecoder(v, NgramDrafter(), num_draft_tokens=3).generate(prompt, max_new_tokens=24, eos_token_ids=[EOS])
     assert spec.token_ids == plain.token_ids
