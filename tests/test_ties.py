@@ -277,3 +277,39 @@ def test_float32_head_streams_and_decodes_losslessly():
     assert torch.allclose(streamed, head(x), atol=1e-5) and streamed.dtype == torch.float32
     spec = SpeculativeDecoder(v, NgramDrafter(), num_draft_tokens=3).generate(prompt, max_new_tokens=24, eos_token_ids=[EOS])
     assert spec.token_ids == plain.token_ids
+
+
+# -- the command line -------------------------------------------------------------------------
+
+from test_bench_cli import bench_args, tiny_dirs  # noqa: E402,F401  (the fixture, shared)
+
+
+def test_bench_in_bfloat16_reports_dtype_head_and_identity(tiny_dirs, tmp_path, capsys):
+    from specheads.cli import main
+
+    assert main(bench_args(tiny_dirs, tmp_path, "ngram", "--dtype", "bfloat16", "--no-hf", "--cpu-linears", "packed")) == 0
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["dtype_choice"] == "bfloat16"
+    assert report["float32_head"] == "LM head's top-16 logits"
+    spec = report["methods"]["speculative"]
+    assert spec["identity"] in ("exact", "ties") and sum(spec["identity_counts"].values()) == 3
+    assert report["methods"]["plain"]["identity"] == "exact"
+    assert "cpu bfloat16 (LM head's top-16 logits in float32)" in (tmp_path / "report.md").read_text()
+    assert "bfloat16, LM head's top-16 logits in float32" in err
+
+    assert main(bench_args(tiny_dirs, tmp_path / "off", "ngram", "--dtype", "bfloat16", "--float32-head", "off", "--no-hf",
+                           "--cpu-linears", "packed")) == 0
+    assert json.loads((tmp_path / "off" / "report.json").read_text())["float32_head"] is None
+
+
+@pytest.mark.parametrize("flags, dtype, why", [({"avx512_bf16"}, "bfloat16", "CPU has avx512_bf16"),
+                                               ({"avx2"}, "float32", "CPU has none of amx_bf16, avx512_bf16")])
+def test_generate_dtype_auto_says_what_it_chose_and_why(tiny_dirs, capsys, monkeypatch, flags, dtype, why):
+    import specheads.verifier as verifier
+    from specheads.cli import main
+
+    monkeypatch.setattr(verifier, "_cpu_flags", lambda: flags)
+    assert main(["generate", "--verifier", tiny_dirs["verifier"], "--drafter", "none", "--prompt", "hello",
+                 "--max-new-tokens", "4", "--device", "cpu", "--dtype", "auto"]) == 0
+    assert f": {dtype} (auto -> {dtype} ({why}))" in capsys.readouterr().err
