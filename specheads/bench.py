@@ -318,8 +318,8 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
 # A difference from plain decoding is a numerical tie when plain decoding's top-1 minus top-2 logit
 # at the first differing token is below TIE_ULPS units in the last place of its top-1 logit in the
 # verifier's dtype: a forward over several tokens rounds differently from one over a single token,
-# by about that much. bfloat16 at a top logit of 20: 2 * 2**-7 * 16 = 0.25; float32: 2 * 2**-23 * 16
-# = 3.8e-6, which no real difference in float32 falls under.
+# by less than that in what docs/bench.md measured. bfloat16 at a top logit of 20: 2 * 2**-7 * 16 =
+# 0.25; float32: 2 * 2**-23 * 16 = 3.8e-6, so float32 outputs are held to exact.
 TIE_ULPS = 2
 
 
@@ -430,7 +430,7 @@ def _markdown_side_by_side(report: dict) -> list[str]:
 
 
 def _precision(report: dict) -> str:
-    """'cpu bfloat16 (auto -> bfloat16 (CPU has avx512_bf16); LM head in float32)': what ran, and why."""
+    """What ran, and why: e.g. "cpu bfloat16 (auto -> bfloat16 (CPU has avx512_bf16); LM head's top-16 logits in float32)"."""
     notes = [c for c in [report.get("dtype_choice")] if c and c != report["dtype"]]
     if report.get("float32_head"):
         notes.append(f"{report['float32_head']} in float32")
