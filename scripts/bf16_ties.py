@@ -1,6 +1,6 @@
 """How often bfloat16 speculative decoding differs from bfloat16 plain decoding, with bfloat16
-logits, with the default float32 head (its top 16 logits per row in float32) and with a float32
-copy of the whole head (docs/bench.md, "bfloat16").
+logits, with the default float32 head (its top 16 logits per row in float32), with a float32 copy
+of the whole head, and with the final norm in float32 too (docs/bench.md, "bfloat16").
 
 For each MT-Bench first turn: plain decoding and n-gram speculative decoding (T=0), each output
 classified against plain's as the benchmark does (exact / numerical tie / mismatch); then, on
@@ -9,7 +9,8 @@ argmax of a one-token forward and of a five-token forward disagree. The verifier
 per setting, the CPU linears chosen as `specheads bench` does. Counts do not depend on machine
 load; the timings do (interleaved, so load drift hits all settings alike, but still rough).
 
-    python scripts/bf16_ties.py --prompts question.jsonl --num-prompts 10 --max-new-tokens 128 --threads 2
+    python scripts/bf16_ties.py --prompts question.jsonl --num-prompts 10 --max-new-tokens 128 --threads 2 \
+        --settings "bf16 head,float32 head,float32 copy,float32 norm+copy"
 """
 
 from __future__ import annotations
@@ -40,6 +41,32 @@ def float32_copy_head(model, rows) -> None:
     new = Float32CopyHead.wrap(head, rows)
     new.register_buffer("weight32", head.weight.detach().float(), persistent=False)
     model.set_output_embeddings(new)
+
+
+def float32_norm(model) -> None:
+    """For comparison only: the final norm in float32 too (its output, and so the hidden state the
+    head reads, stays float32). Llama-style decoders (``norm``)."""
+    import copy
+
+    class Float32Norm(torch.nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.inner = copy.deepcopy(norm).float()
+
+        def forward(self, x):
+            return self.inner(x.float())
+
+    decoder = model.get_decoder()
+    decoder.norm = Float32Norm(decoder.norm)
+
+
+# setting -> what it computes in float32
+SETTINGS = {
+    "bf16 head": "nothing: logits rounded to bfloat16 (--float32-head off)",
+    "float32 head": "the default Float32Head: the top 16 logits of each row",
+    "float32 copy": "every logit, from a float32 copy of the LM head",
+    "float32 norm+copy": "the final norm, then every logit from a float32 copy of the LM head",
+}
 
 
 def one_vs_five(verifier, prompt: list[int], text: list[int], q: int = 5) -> list[dict]:
@@ -89,7 +116,7 @@ def main(argv=None) -> int:
     from specheads.bench import classify_differences
     from specheads.prompts import load_prompts
     from specheads.bench import tie_bound
-    from specheads.streamed_linear import machine_key, stream_linears, tune_or_reuse
+    from specheads.streamed_linear import machine_key, tune_or_reuse
     from specheads.verifier import cache_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -99,30 +126,36 @@ def main(argv=None) -> int:
     p.add_argument("--num-draft-tokens", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cpu-linears", default="tune", choices=["tune", "packed"])
+    p.add_argument("--settings", default="bf16 head,float32 head,float32 copy",
+                   help="comma list of: " + "; ".join(f"'{k}' ({v})" for k, v in SETTINGS.items()))
     p.add_argument("--output", default="outputs/bf16_ties.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    # bf16 logits; the default float32 head (top 16 refined); a float32 copy of the whole head
-    settings = {"bf16 head": False, "float32 head": True, "float32 copy": False}
-    verifiers = {name: load_verifier("smollm2-135m", dtype="bfloat16", float32_head=on) for name, on in settings.items()}
-    linears = {name: {"head_rows": [], "layer_rows": []} for name in settings}
-    for name in ("bf16 head", "float32 head"):
-        if args.cpu_linears == "tune":
-            rep = tune_or_reuse(verifiers[name].model, machine_key(verifiers[name].model), cache_dir() / "cpu_linears.json")
-            linears[name] = {"head_rows": rep["head_rows"], "layer_rows": rep["layer_rows"]}
-    # the copy streams as the default float32 head does
-    linears["float32 copy"] = linears["float32 head"]
-    stream_linears(verifiers["float32 copy"].model, (), linears["float32 copy"]["layer_rows"])
-    float32_copy_head(verifiers["float32 copy"].model, linears["float32 copy"]["head_rows"])
+    names = [n.strip() for n in args.settings.split(",")]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown or names[0] != "bf16 head":
+        p.error(f"--settings: {unknown or names[0]!r}: a comma list of {', '.join(SETTINGS)}, 'bf16 head' first")
+    verifiers, linears = {}, {}
+    for name in names:
+        v = verifiers[name] = load_verifier("smollm2-135m", dtype="bfloat16", float32_head=name == "float32 head")
+        rows = {"head_rows": [], "layer_rows": []}
+        if args.cpu_linears == "tune":  # before the comparison heads go in: those are tuned as the bf16 head
+            rep = tune_or_reuse(v.model, machine_key(v.model), cache_dir() / "cpu_linears.json")
+            rows = {"head_rows": rep["head_rows"], "layer_rows": rep["layer_rows"]}
+        linears[name] = rows
+        if "copy" in name:
+            float32_copy_head(v.model, rows["head_rows"])
+        if "norm" in name:
+            float32_norm(v.model)
     first = next(iter(verifiers.values()))
     encoded = [first.encode(t) for t in load_prompts(args.prompts, limit=args.num_prompts)]
 
     decoders = {name: (SpeculativeDecoder(v, None), SpeculativeDecoder(v, build_drafter("ngram", v), num_draft_tokens=args.num_draft_tokens))
                 for name, v in verifiers.items()}
-    outputs = {name: {"plain": [], "margins": [], "tops": [], "speculative": []} for name in settings}
-    seconds = {name: {"plain": 0.0, "speculative": 0.0} for name in settings}
+    outputs = {name: {"plain": [], "margins": [], "tops": [], "speculative": []} for name in verifiers}
+    seconds = {name: {"plain": 0.0, "speculative": 0.0} for name in verifiers}
     for i, ids in enumerate(encoded):
         for name, (plain, spec) in decoders.items():
             out = plain.generate(ids, max_new_tokens=args.max_new_tokens, record_margins=True)
@@ -135,9 +168,10 @@ def main(argv=None) -> int:
             seconds[name]["speculative"] += out.stats.total_s
         print(f"[bf16_ties] prompt {i + 1}/{len(encoded)} decoded", file=sys.stderr, flush=True)
 
-    common = outputs["bf16 head"]["plain"]  # one greedy text for the one-vs-five count of both settings
+    common = outputs["bf16 head"]["plain"]  # one greedy text for the one-vs-five count of every setting
     result = {"verifier": "smollm2-135m", "dtype": "bfloat16", "num_prompts": len(encoded), "max_new_tokens": args.max_new_tokens,
-              "num_draft_tokens": args.num_draft_tokens, "threads": torch.get_num_threads(), "cpu_linears": linears, "settings": {}}
+              "num_draft_tokens": args.num_draft_tokens, "threads": torch.get_num_threads(), "cpu_linears": linears,
+              "what_runs_in_float32": {name: SETTINGS[name] for name in names}, "settings": {}}
     for name, v in verifiers.items():
         o = outputs[name]
         ident = classify_differences(o["speculative"], o["plain"], o["margins"], o["tops"], v.dtype)
