@@ -15,7 +15,7 @@ from specheads.decoding import SpeculativeDecoder
 from specheads.decoding.sampling import SamplingParams
 from specheads.drafters import DraftModelDrafter, NgramDrafter
 from specheads.errors import SpecHeadsError
-from specheads.verifier import Verifier, choose_dtype, load_verifier, use_float32_head, warn_if_emulated_bf16
+from specheads.verifier import choose_dtype, load_verifier, use_float32_head, warn_if_emulated_bf16
 
 from test_tree import RandomTreeDrafter
 
