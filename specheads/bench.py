@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import platform
 import time
@@ -42,6 +43,9 @@ class MethodResult:
     variant: str | None = None  # speculative methods: the drafter variant (e.g. a Medusa tree shape)
     drafter: str | None = None  # the drafter's label when several drafters run side by side
     detail: str | None = None  # speculative methods: what the (variant) drafter's ``detail`` says
+    # plain decoding at T=0: per prompt, the top-1 minus top-2 logit and the top-1 logit per new token
+    margins: list[list[float]] = field(default_factory=list)
+    top_logits: list[list[float]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -128,8 +132,9 @@ def _hf_generation_config(verifier, cfg: BenchConfig):
     return gen
 
 
-def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[list[int], int], tuple[list[int], DecodingStats | None]]]:
-    """name -> run(prompt_ids, seed) returning (new token ids, engine stats or None).
+def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[list[int], int], tuple]]:
+    """name -> run(prompt_ids, seed) returning (new token ids, engine stats or None, the
+    GenerationOutput's (margins, top_logits) for plain decoding at T=0, else None).
 
     ``drafter``: one drafter (or None), swept over ``cfg.variants``, or a list of BenchDrafter."""
     methods: dict[str, Callable] = {}
@@ -144,9 +149,12 @@ def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[li
             typical_acceptance={} if cfg.typical_acceptance and d is not None else None,
         )
 
+        # plain decoding's near-ties are what the identity check classifies differences by
+        record = d is None and cfg.sampling.greedy
+
         def run(ids, seed):
-            out = decoder.generate(ids, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling, seed=seed)
-            return out.token_ids, out.stats
+            out = decoder.generate(ids, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling, seed=seed, record_margins=record)
+            return out.token_ids, out.stats, (out.margins, out.top_logits) if record else None
 
         run.num_draft_tokens = k if d is not None else None
         run.drafter_object = d
@@ -165,7 +173,7 @@ def build_methods(verifier, drafter, cfg: BenchConfig) -> dict[str, Callable[[li
                 torch.manual_seed(seed)
                 input_ids = torch.tensor([ids], device=verifier.device)
                 out = verifier.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen, **extra)
-                return out[0, len(ids) :].tolist(), None
+                return out[0, len(ids) :].tolist(), None, None
 
             return run
 
@@ -221,13 +229,16 @@ def run_benchmark(verifier, drafter, encoded: list[list[int]], cfg: BenchConfig,
         for name in order:
             _sync(device)
             start = time.perf_counter()
-            tokens, stats = methods[name](ids, cfg.seed + i)
+            tokens, stats, margins = methods[name](ids, cfg.seed + i)
             _sync(device)
             elapsed = time.perf_counter() - start
             r = results[name]
             r.outputs.append(tokens)
             r.time_s += elapsed
             r.new_tokens += len(tokens)
+            if margins is not None:
+                r.margins.append(margins[0])
+                r.top_logits.append(margins[1])
             if stats is not None:
                 if r.stats is None:
                     r.stats = DecodingStats()
@@ -237,7 +248,7 @@ def run_benchmark(verifier, drafter, encoded: list[list[int]], cfg: BenchConfig,
 
 def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cfg: BenchConfig) -> dict:
     plain = results["plain"]
-    reference = results.get("hf_generate", plain).outputs if cfg.sampling.greedy else None
+    greedy = cfg.sampling.greedy
     t1 = plain.stats.verify_s / plain.stats.verify_steps if plain.stats and plain.stats.verify_steps else None
     methods = {}
     for name, r in results.items():
@@ -251,15 +262,14 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
             "new_tokens": r.new_tokens,
             "time_s": r.time_s,
         }
-        if reference is not None:
+        if greedy:
+            # Every method is held to plain decoding's outputs, plain decoding itself to HF generate's.
+            reference = results["hf_generate"].outputs if name == "plain" and "hf_generate" in results else plain.outputs
             same = [a == b for a, b in zip(r.outputs, reference)]
             entry["identical_fraction"] = sum(same) / len(same)
             entry["identical_to_verifier"] = all(same)
-            entry["first_mismatch_positions"] = [
-                next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                for a, b in zip(r.outputs, reference)
-                if a != b
-            ]
+            entry["first_mismatch_positions"] = [first_difference(a, b) for a, b in zip(r.outputs, reference) if a != b]
+            entry.update(classify_differences(r.outputs, reference, plain.margins, plain.top_logits, verifier.dtype))
         if r.num_draft_tokens is not None:
             entry["num_draft_tokens"] = r.num_draft_tokens
         for key in ("drafter", "variant", "detail"):
@@ -295,6 +305,8 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
         "drafters": [drafter_info(e) for e in entries],
         "device": str(verifier.device),
         "dtype": str(verifier.dtype).replace("torch.", ""),
+        "dtype_choice": getattr(verifier, "dtype_choice", None),  # e.g. "auto -> bfloat16 (CPU has avx512_bf16)"
+        "float32_head": getattr(verifier, "float32_head", None),  # what runs in float32 on a bf16 verifier
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "num_prompts": len(encoded),
@@ -308,6 +320,52 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
         "typical_acceptance_LOSSY": cfg.typical_acceptance,
         "methods": methods,
         "best_draft_length": best_draft_lengths(results, methods),
+    }
+
+
+# A difference from plain decoding is a numerical tie when plain decoding's top-1 minus top-2 logit
+# at the first differing token is below TIE_ULPS units in the last place of its top-1 logit in the
+# verifier's dtype: a forward over several tokens rounds differently from one over a single token,
+# by at most half that in what docs/bench.md measured. bfloat16 at a top logit of 20: 4 * 2**-7 * 16
+# = 0.5; float32: 4 * 2**-23 * 16 = 7.6e-6, so float32 outputs are held to exact.
+TIE_ULPS = 4
+
+
+def tie_bound(dtype: torch.dtype, top_logit: float) -> float:
+    """TIE_ULPS units in the last place of ``top_logit`` in ``dtype`` (eps * 2**floor(log2|top_logit|) each)."""
+    finfo = torch.finfo(dtype)
+    return TIE_ULPS * finfo.eps * 2.0 ** math.floor(math.log2(max(abs(top_logit), finfo.tiny)))
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """The first position where two token lists differ (the shorter one's length if one is a prefix of the other)."""
+    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def classify_differences(outputs, reference, margins, top_logits, dtype: torch.dtype) -> dict:
+    """Each output against its reference: exact, a numerical tie or a mismatch.
+
+    ``margins`` / ``top_logits``: per prompt, plain decoding's top-2 gap and top-1 logit per new
+    token (``GenerationOutput.margins``). Returns ``identity`` ("exact", "ties" when every
+    difference is a tie, else "mismatch"), ``identity_counts`` and one entry of ``differences``
+    per differing output (prompt, position, gap, top_logit, bound, tie)."""
+    differences = []
+    for i, (a, b) in enumerate(zip(outputs, reference)):
+        if a == b:
+            continue
+        j = first_difference(a, b)
+        # no margin recorded there (an output that stopped early): nothing excuses the difference
+        gap = margins[i][j] if i < len(margins) and j < len(margins[i]) else None
+        top = top_logits[i][j] if gap is not None else None
+        bound = tie_bound(dtype, top) if top is not None else None
+        differences.append({"prompt": i, "position": j, "gap": gap, "top_logit": top, "bound": bound,
+                            "tie": gap is not None and gap < bound})
+    ties = sum(d["tie"] for d in differences)
+    mismatches = len(differences) - ties
+    return {
+        "identity": "mismatch" if mismatches else "ties" if ties else "exact",
+        "identity_counts": {"exact": len(outputs) - len(differences), "ties": ties, "mismatch": mismatches},
+        "differences": differences,
     }
 
 
@@ -357,7 +415,7 @@ def _drafter_line(info: dict) -> str:
 def _markdown_side_by_side(report: dict) -> list[str]:
     """The table of a run with several drafters: drafter x variant per row."""
     lines = [
-        f"verifier `{report['verifier']}`, {len(report['drafters'])} drafters side by side, {report['device']} {report['dtype']}, "
+        f"verifier `{report['verifier']}`, {len(report['drafters'])} drafters side by side, {_precision(report)}, "
         f"{report['torch_threads']} threads, {report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
         f"T={report['temperature']}; every method timed alternately with plain decoding on the same prompts",
         "",
@@ -379,6 +437,14 @@ def _markdown_side_by_side(report: dict) -> list[str]:
     return lines
 
 
+def _precision(report: dict) -> str:
+    """What ran, and why: e.g. "cpu bfloat16 (auto -> bfloat16 (CPU has avx512_bf16); LM head's top-16 logits in float32)"."""
+    notes = [c for c in [report.get("dtype_choice")] if c and c != report["dtype"]]
+    if report.get("float32_head"):
+        notes.append(f"{report['float32_head']} in float32")
+    return f"{report['device']} {report['dtype']}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def _cpu_linears_lines(report: dict) -> list[str]:
     cpu = report.get("cpu_linears")
     if not (cpu and cpu.get("device") == "cpu"):
@@ -391,7 +457,7 @@ def _cells(m: dict) -> tuple[str, str, str]:
     """(acceptance per position, tau, identical to verifier) of a method, as table cells."""
     acc = ", ".join(f"{a:.2f}" for a in m["acceptance_per_position"]) or "-"
     tau = f"{m['tau']:.2f}" if m["tau"] is not None else "-"
-    ident = "-" if m["identical_to_verifier"] is None else ("yes" if m["identical_to_verifier"] else f"no ({m['identical_fraction']:.0%} of prompts)")
+    ident = {None: "-", "exact": "exact", "ties": f"ties ({m.get('identity_counts', {}).get('ties')})", "mismatch": "mismatch"}[m.get("identity")]
     return acc, tau, ident
 
 
@@ -408,7 +474,7 @@ def markdown_table(report: dict) -> str:
         return "\n".join(lines) + "\n"
     lines = [
         f"verifier `{report['verifier']}`, drafter `{report['drafter']}`"
-        + (f" ({report['drafter_detail']})" if report.get("drafter_detail") else "") + f", {report['device']} {report['dtype']}, "
+        + (f" ({report['drafter_detail']})" if report.get("drafter_detail") else "") + f", {_precision(report)}, "
         f"{report['torch_threads']} threads, {report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
         f"T={report['temperature']}",
         "",

@@ -19,7 +19,12 @@ DRAFTER_HELP = (
 def _add_verifier_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("verifier")
     g.add_argument("--verifier", default="smollm2-135m", help="alias (smollm2-135m), model directory, .gguf file or hub id (default: %(default)s)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype; auto: bfloat16 where the device computes it natively (CUDA with bfloat16, a CPU with "
+                   "avx512_bf16 or amx_bf16), else float32 (default: %(default)s)")
+    g.add_argument("--float32-head", default="on", choices=["on", "off"],
+                   help="bfloat16 / float16 verifiers: compute the LM head in float32, so that logits are not rounded to the "
+                   "dtype's coarse steps, where top-2 ties are common (default: %(default)s)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
@@ -78,7 +83,12 @@ def _load_verifier(args, *, speculative: bool):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    verifier = load_verifier(args.verifier, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    verifier = load_verifier(args.verifier, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                             float32_head=None if getattr(args, "float32_head", "on") == "on" else False)
+    choice = verifier.dtype_choice if verifier.dtype_choice != str(verifier.dtype).replace("torch.", "") else None
+    print(f"[specheads] verifier {verifier.name} on {verifier.device}: {str(verifier.dtype).replace('torch.', '')}"
+          + (f" ({choice})" if choice else "") + (f", {verifier.float32_head} in float32" if verifier.float32_head else ""),
+          file=sys.stderr, flush=True)
     args.cpu_linears_report = None
     # Only speculative decoding runs few-token forwards; plain decoding has nothing to tune.
     if verifier.device.type == "cpu" and args.cpu_linears != "packed" and speculative:
@@ -441,7 +451,7 @@ def cmd_demo(args) -> int:
         print(
             f"\n{name} ({detail}) on {report['verifier']} ({report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
             f"T={report['temperature']}): tau {m['tau']:.2f}, speedup {m['speedup']:.2f}x over plain decoding, "
-            f"identical to the verifier: {m['identical_to_verifier']}\ndrafter checkpoint: {final}\nreport: {args.output}/report.json"
+            f"identical to the verifier: {m.get('identity') or '- (sampled)'}\ndrafter checkpoint: {final}\nreport: {args.output}/report.json"
         )
     return 0
 

@@ -52,12 +52,52 @@ class StreamedLinear(nn.Linear):
         return super().extra_repr() + f", streamed_rows={sorted(self.rows)}"
 
 
+class Float32Head(StreamedLinear):
+    """A reduced-precision LM head whose logits are float32 where they decide: the top ``refine``
+    tokens of each row are recomputed in float32 from the same input row and weights, the rest
+    keep the head's own rounded values. A bfloat16 logit is rounded to 8 significant bits (steps of
+    0.125 at 16..32), so exact top-2 ties are common and any rounding difference between forwards
+    decides them; refined, argmax and top-2 gap are the float32 computation's at the cost of a few
+    dot products, where a float32 copy of the head would double the bytes it reads per token.
+
+    Where a token outside the top ``refine`` could still beat the refined runner-up (its value is
+    within one step of it: many near-equal logits), that row is computed wholly in float32.
+    ``weight`` is the head's own Parameter (tied embeddings stay tied and in their dtype); nothing
+    is added to the state dict. Streams like a ``StreamedLinear``."""
+
+    refine = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = super().forward(x)
+        rows = low.reshape(-1, self.out_features)
+        xs = x.reshape(-1, self.in_features).float()
+        k = min(self.refine, self.out_features)
+        top = rows.topk(k, dim=-1)
+        exact = torch.einsum("rh,rkh->rk", xs, self.weight[top.indices].float())
+        if self.bias is not None:
+            exact = exact + self.bias.float()[top.indices]
+        out = rows.float().scatter(-1, top.indices, exact)
+        if k < self.out_features:
+            runner_up = exact.topk(min(2, k), dim=-1).values[:, -1]
+            kth = top.values[:, -1].float()
+            # one step of the head's dtype at that magnitude covers its rounding (half a step) and accumulation order
+            step = torch.finfo(low.dtype).eps * torch.ldexp(torch.ones_like(kth), torch.frexp(torch.maximum(kth.abs(), runner_up.abs())).exponent - 1)
+            unsure = (kth + step >= runner_up).nonzero().flatten()
+            if len(unsure):
+                bias = None if self.bias is None else self.bias.float()
+                out[unsure] = nn.functional.linear(xs[unsure], self.weight.float(), bias)
+        return out.reshape(*low.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", float32 top-{self.refine} logits"
+
+
 def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, layer) for every plain or streamed ``nn.Linear`` (not peft / quantised subclasses)."""
     found = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            if type(child) in (nn.Linear, StreamedLinear):
+            if type(child) in (nn.Linear, StreamedLinear, Float32Head):
                 found.append((parent, name, child))
     return found
 
@@ -151,7 +191,9 @@ def machine_key(model: nn.Module) -> str:
 
     cfg = model.config
     layers = getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", "?"))
-    dtype = next(model.parameters()).dtype
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    if isinstance(model.get_output_embeddings(), Float32Head):
+        dtype += "+float32-head"  # a different head cost per token count
     head = fingerprint(model)  # hashes LM-head rows: once
     model_id = f"{cfg.model_type}-{layers}x{head['hidden_size']}-{head['lm_head_sha256']}"
     cpu = platform.processor() or platform.machine()
@@ -160,7 +202,7 @@ def machine_key(model: nn.Module) -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{model_id}|{str(dtype).replace('torch.', '')}|threads={torch.get_num_threads()}|{cpu}|torch={torch.__version__}"
+    return f"{model_id}|{dtype}|threads={torch.get_num_threads()}|{cpu}|torch={torch.__version__}"
 
 
 def _check_choice(entry) -> str | None:

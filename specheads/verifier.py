@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -20,6 +22,10 @@ from .atomic_files import atomic_directory
 from .errors import SpecHeadsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto": bfloat16 where the device computes it natively (native_bf16), float32 elsewhere
+DTYPE_CHOICES = ("auto", *DTYPES)
+# x86 CPU flags of native bfloat16 arithmetic (AMX tiles, AVX512 dot products)
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 # Aliases for verifiers that install offline: alias -> (python package, file inside it).
 ALIASES = {
@@ -41,6 +47,8 @@ class Verifier:
     model: Any  # a transformers causal LM
     tokenizer: Any | None
     name: str
+    dtype_choice: str | None = None  # how the dtype was chosen, e.g. "auto -> bfloat16 (CPU has avx512_bf16)"
+    float32_head: str | None = None  # what runs in float32 on a reduced-precision verifier (use_float32_head)
 
     @property
     def device(self) -> torch.device:
@@ -168,12 +176,75 @@ def weights_sha256(model, row_elements: int = 8192) -> str:
     return digest.hexdigest()[:16]
 
 
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:  # not Linux: no flags known, so no native bfloat16 assumed
+        return set()
+
+
+def native_bf16(device: torch.device) -> str | None:
+    """Why ``device`` computes bfloat16 natively, e.g. "CPU has avx512_bf16"; None where it does
+    not (where torch emulates bfloat16 it is slower than float32)."""
+    if device.type == "cuda":
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older torch: no emulation to exclude
+            native = torch.cuda.is_bf16_supported()
+        return f"CUDA device {torch.cuda.get_device_name(device)} supports bfloat16" if native else None
+    if device.type == "cpu":
+        flags = _cpu_flags()
+        return next((f"CPU has {flag}" for flag in BF16_CPU_FLAGS if flag in flags), None)
+    return None
+
+
+def choose_dtype(dtype: str | torch.dtype, device: torch.device,
+                 native: Callable[[torch.device], str | None] = native_bf16) -> tuple[torch.dtype, str]:
+    """The torch dtype for ``dtype`` ("auto", a name of DTYPES or a torch dtype) on ``device``, and
+    how it was chosen (for reports). ``native``: the check of native bfloat16 (injectable for tests)."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dtype, str(dtype).replace("torch.", "")
+    if dtype == "auto":
+        why = native(device)
+        if why:
+            return torch.bfloat16, f"auto -> bfloat16 ({why})"
+        lacks = f"CPU has none of {', '.join(BF16_CPU_FLAGS)}" if device.type == "cpu" else f"no native bfloat16 on {device}"
+        return torch.float32, f"auto -> float32 ({lacks})"
     if dtype not in DTYPES:
-        raise SpecHeadsError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+        raise SpecHeadsError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[dtype], dtype
+
+
+def bf16_slowdown(size: int = 2048, repeats: int = 20) -> float:
+    """How many times longer a bfloat16 matrix-vector product takes than a float32 one on this CPU:
+    the best of ``repeats`` each, interleaved, on a matrix larger than a core's cache, as a decoding
+    step's are (some 40 ms in all where bfloat16 is native; the best of many, as a busy
+    machine stalls some calls)."""
+    w = {dtype: torch.randn(size, size).to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    x = {dtype: torch.randn(1, size).to(dtype) for dtype in w}
+    best = {dtype: float("inf") for dtype in w}
+    for i in range(repeats + 3):  # the first calls set kernels up: not the cost asked about
+        for dtype in w:
+            start = time.perf_counter()
+            torch.nn.functional.linear(x[dtype], w[dtype])
+            if i >= 3:
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.bfloat16] / max(best[torch.float32], 1e-9)
+
+
+def warn_if_emulated_bf16(torch_dtype: torch.dtype, device: torch.device,
+                          native: Callable[[torch.device], str | None] = native_bf16) -> float | None:
+    """One warning, with the measured slowdown, when bfloat16 runs on a CPU that emulates it.
+    Returns the slowdown measured (None: nothing to warn about)."""
+    if torch_dtype != torch.bfloat16 or device.type != "cpu" or native(device):
+        return None
+    ratio = bf16_slowdown()
+    advice = "float32 (or dtype auto) is likely faster" if ratio > 1 else "other operations may still be emulated"
+    warnings.warn(
+        f"dtype bfloat16 on a CPU without native bfloat16 (none of {', '.join(BF16_CPU_FLAGS)}): a bfloat16 "
+        f"matrix-vector product took {ratio:.1f}x the time of a float32 one here; {advice}", stacklevel=3)
+    return ratio
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -239,18 +310,45 @@ def converted_alias_dir(alias: str) -> Path:
     return target
 
 
+def use_float32_head(model) -> str | None:
+    """Give a reduced-precision model float32 logits where they decide (``Float32Head``: its top
+    16 per row recomputed in float32), so that they are not rounded to bfloat16, whose coarse
+    steps make exact top-2 ties common. The final norm keeps the model's dtype: in float32 it cut
+    no further flips (docs/bench.md), and the drafters read its output. Returns what now runs in
+    float32, or None where nothing changed (a float32 model, or a head that is not a plain linear)."""
+    from torch import nn
+
+    from .streamed_linear import Float32Head, StreamedLinear
+
+    head = model.get_output_embeddings()
+    what = f"LM head's top-{Float32Head.refine} logits"
+    if isinstance(head, Float32Head):
+        return what
+    if type(head) not in (nn.Linear, StreamedLinear) or head.weight.dtype == torch.float32:
+        return None
+    model.set_output_embeddings(Float32Head.wrap(head, getattr(head, "rows", ())))
+    return what
+
+
 def load_verifier(
     name_or_path: str = DEFAULT_VERIFIER,
     *,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device | None = "cpu",
     trust_remote_code: bool = False,
+    float32_head: bool | None = None,
+    native: Callable[[torch.device], str | None] = native_bf16,
 ) -> Verifier:
-    """Load a verifier by alias, local directory, GGUF file or hub id, in eval mode."""
+    """Load a verifier by alias, local directory, GGUF file or hub id, in eval mode.
+
+    ``dtype``: float32, bfloat16, float16, or auto (bfloat16 where ``native`` says the device
+    computes it natively, else float32). ``float32_head``: float32 logits for a bfloat16 / float16
+    verifier (``use_float32_head``; None: where its head allows, True: or an error); the weights,
+    the embeddings included, keep ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _resolve_dtype(dtype)
     device = resolve_device(device)
+    torch_dtype, dtype_choice = choose_dtype(dtype, device, native)
     common = dict(trust_remote_code=trust_remote_code)
     gguf_file = None
     if name_or_path in ALIASES:
@@ -284,7 +382,13 @@ def load_verifier(
         ) from exc
     model.to(device).eval()
     model.requires_grad_(False)
-    return Verifier(model=model, tokenizer=tokenizer, name=name_or_path)
+    if dtype != "auto":  # auto never picks an emulated bfloat16
+        warn_if_emulated_bf16(torch_dtype, device, native)
+    head = use_float32_head(model) if float32_head is not False else None
+    if float32_head and head is None and torch_dtype != torch.float32:
+        raise SpecHeadsError(f"float32_head: the LM head of verifier '{name_or_path}' is a "
+                             f"{type(model.get_output_embeddings()).__name__}, not a plain linear layer to compute in float32")
+    return Verifier(model=model, tokenizer=tokenizer, name=name_or_path, dtype_choice=dtype_choice, float32_head=head)
 
 
 def _load_tokenizer(source: str, **kwargs):

@@ -53,6 +53,11 @@ class GenerationOutput:
     finish_reason: str  # "eos" | "length" | "stop_string"
     stats: DecodingStats = field(default_factory=DecodingStats)
     text: str | None = None
+    # generate(record_margins=True): per new token, the verifier's top-1 minus top-2 logit at the
+    # row it was chosen from, and that top-1 logit (how near a tie the choice was, and at what
+    # magnitude: the benchmark tells reduced-precision flips from real mismatches by them)
+    margins: list[float] | None = None
+    top_logits: list[float] | None = None
 
 
 class SpeculativeDecoder:
@@ -170,6 +175,7 @@ class SpeculativeDecoder:
         eos_token_ids: Sequence[int] | None = None,
         stop_strings: Sequence[str] = (),
         seed: int | None = None,
+        record_margins: bool = False,
     ) -> GenerationOutput:
         prompt_ids = [int(t) for t in prompt_ids]
         self._check(prompt_ids, max_new_tokens)
@@ -202,6 +208,7 @@ class SpeculativeDecoder:
             output_hidden_states=wants_hidden,
         )
         first, _ = draw(out.logits[0, -1], sampling, generator)
+        margins, top_logits = top2_gaps(out.logits[0, -1:]) if record_margins else (None, None)
         # Per part, the verifier rows it has not read yet (a part skipped for some steps reads
         # them all at its next proposal).
         backlog = [[] for _ in parts]
@@ -243,6 +250,10 @@ class SpeculativeDecoder:
             if wants_hidden:
                 self._add_hidden(backlog, step_hidden)
             kept, finish = self._cut_at_stop(emitted, new, eos, stop_strings)
+            if record_margins:
+                gaps, tops = top2_gaps(self._chosen_rows[: len(kept)])
+                margins += gaps
+                top_logits += tops
             tokens.extend(kept)
             new.extend(kept)
             stats.observe_step(drafted, len(path), len(kept), nodes=len(cands))
@@ -256,7 +267,8 @@ class SpeculativeDecoder:
         stats.new_tokens = len(new)
         stats.total_s = time.perf_counter() - start
         text = self.verifier.decode(new) if getattr(self.verifier, "tokenizer", None) is not None else None
-        return GenerationOutput(prompt_ids=prompt_ids, token_ids=new, finish_reason=finish, stats=stats, text=text)
+        return GenerationOutput(prompt_ids=prompt_ids, token_ids=new, finish_reason=finish, stats=stats, text=text,
+                                margins=margins, top_logits=top_logits)
 
     # -- verify steps -------------------------------------------------------------------------
     def _chain_step(self, cands: Candidates, tokens: list[int], cache, cache_kw, sampling, generator, device, wants_hidden):
@@ -281,6 +293,7 @@ class SpeculativeDecoder:
                 None if cands.draft_probs is None else cands.draft_probs.to(device),
                 generator,
             )
+        self._chosen_rows = logits[: n_acc + 1]  # emitted token i was chosen from row i
         # Roll back: keep the pending token and the accepted drafts.
         truncate_cache(cache, len(tokens) + n_acc)
         emitted = cands.tokens[:n_acc].tolist() + [nxt]
@@ -317,6 +330,7 @@ class SpeculativeDecoder:
             path, nxt = tree_speculative_sampling(sampling.probs(logits), cands, generator)
         # Keep the past, the root (row 0) and the accepted nodes (rows node + 1), consecutively.
         rows = [0] + [i + 1 for i in path]
+        self._chosen_rows = logits[rows]  # emitted token i was chosen from row rows[i]
         keep_positions(cache, past_len, rows)
         hidden = None
         if wants_hidden:
@@ -407,6 +421,12 @@ class SpeculativeDecoder:
         tail_before = self.verifier.tokenizer.decode(new[-32:-1])
         return any(s in tail_now and s not in tail_before for s in stop_strings)
 
+
+
+def top2_gaps(logits: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per row of ``logits`` [rows, vocab]: top-1 minus top-2 logit, and the top-1 logit."""
+    top = logits.float().topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).tolist(), top[:, 0].tolist()
 
 
 def _clip(cands: Candidates, k: int) -> Candidates:
