@@ -45,7 +45,7 @@ def recipe(tmp_path, *overrides):
     return load_recipe(None, [
         f"training.output_dir={tmp_path}", "drafter.kind=draft_model", "drafter.student.layers=first:1",
         "training.batch_size=8", "training.lr=0.01", "training.max_steps=24", "training.warmup_steps=2",
-        "training.eval_every=12", "training.save_every=8", "training.log_every=4", *overrides,
+        "training.eval_every=12", "training.save_every=8", "training.log_every=4", "training.dtype=float32", *overrides,
     ])
 
 

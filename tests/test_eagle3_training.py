@@ -52,7 +52,7 @@ def recipe(out, *overrides):
         f"training.output_dir={out}", "drafter.kind=eagle3", "drafter.aux_layer_ids=[1, 2, 2]",
         "drafter.draft_vocab_size=48", "objective.ttt_steps=3", f"training.batch_size={BATCH}", "training.lr=0.003",
         "training.warmup_steps=2", "training.max_steps=12", "training.eval_every=12", "training.save_every=6",
-        "training.log_every=1", "training.cache_hidden_states=true", *overrides,
+        "training.log_every=1", "training.cache_hidden_states=true", "training.dtype=float32", *overrides,
     ])
 
 
@@ -193,3 +193,25 @@ def test_eval_counts_chain_acceptance_given_every_earlier_top1_hit():
     assert summary["eval/chain_acc_step1"] == pytest.approx(3 / 4)
     # step 2 (4 positions) where steps 0 and 1 both hit (0, 3): hits at 0 only
     assert summary["eval/chain_acc_step2"] == pytest.approx(1 / 2)
+
+
+@pytest.mark.parametrize("native, expected", [("CPU has avx512_bf16", torch.bfloat16), (None, torch.float32)])
+def test_training_dtype_auto_is_bfloat16_where_native_and_says_so(tmp_path, monkeypatch, capsys, native, expected):
+    """training.dtype auto: the drafter computes in bfloat16 (autocast, float32 weights) where the
+    device does bf16 natively, in float32 elsewhere; the run says which and why, and trains."""
+    import specheads.verifier
+
+    from specheads.training.loop import training_dtype
+
+    monkeypatch.setattr(specheads.verifier, "native_bf16", lambda device: native)
+    assert training_dtype("auto", "cpu")[0] == expected
+    v = cached_verifier("llama")
+    final = train(recipe(tmp_path / "run", "training.dtype=auto", "training.max_steps=8", "training.cache_hidden_states=false"),
+                  verifier=v, datasets=datasets(), progress=True)
+    out = capsys.readouterr().out
+    assert f"the drafter trains in {str(expected).replace('torch.', '')} (training.dtype auto" in out
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    losses = [h["loss"] for h in summary["history"] if "loss" in h]
+    assert losses[-1] < losses[0], losses
+    state = load_drafter_state(final)[1]
+    assert all(t.dtype == torch.float32 for k, t in state.items() if t.is_floating_point())  # weights stay float32

@@ -48,11 +48,11 @@ def job(tmp_path_factory):
             answer = " ".join(str((i + j) % 10) for j in range(3 + i % 7))
             f.write(json.dumps({"messages": [{"role": "user", "content": f"count {i}"}, {"role": "assistant", "content": answer}]}) + "\n")
     (root / "recipe.yaml").write_text(f"""
-verifier: {{name: {root / 'model'}}}
+verifier: {{name: {root / 'model'}, dtype: float32}}
 drafter: {{kind: medusa, num_heads: 2}}
 data: {{self_distill: null, conversations: {root / 'conversations.jsonl'}, max_length: 64, eval_fraction: 0.1}}
 training: {{batch_size: 4, gradient_accumulation_steps: 2, max_steps: {MAX_STEPS}, save_every: {SAVE_EVERY}, eval_every: 8,
-           log_every: 1, lr: 0.01, warmup_steps: 2}}
+           log_every: 1, lr: 0.01, warmup_steps: 2, dtype: float32}}
 """)
     return root
 

@@ -48,7 +48,7 @@ def recipe(tmp_path, *overrides):
     return load_recipe(None, [
         f"training.output_dir={tmp_path}", "training.batch_size=8", "training.lr=0.003", "training.max_steps=60",
         "training.eval_every=30", "training.save_every=20", "training.log_every=10", "drafter.num_heads=3",
-        "training.warmup_steps=5", *overrides,
+        "training.warmup_steps=5", "training.dtype=float32", *overrides,
     ])
 
 

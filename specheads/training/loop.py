@@ -99,6 +99,10 @@ class TrainingRun:
         os.makedirs(t.output_dir, exist_ok=True)
         self.accelerator = acc = _accelerator(t)
         self.main, self.P, self.rank = acc.is_main_process, acc.num_processes, acc.process_index
+        self.compute_dtype, why = training_dtype(t.dtype, acc.device)
+        if self.main and self.progress:
+            print(f"[specheads] the drafter trains in {str(self.compute_dtype).replace('torch.', '')} ({why}; weights and optimizer "
+                  "state in float32)", flush=True)
         if verifier is None:
             from ..verifier import load_verifier
 
@@ -223,7 +227,8 @@ class TrainingRun:
         metrics: dict[str, float] = {}
         for (_, batch, real), normalize in zip(micro, normalizers):
             with acc.accumulate(self.module):
-                loss, parts = self.objective.loss(self.module, batch, normalize=normalize)
+                with self.autocast():
+                    loss, parts = self.objective.loss(self.module, batch, normalize=normalize)
                 loss = loss * (1.0 if real else 0.0)
                 # Each loss is already its share of the whole step's mean; accelerate (and DeepSpeed's
                 # engine) divide it by G once more, which this undoes.
@@ -293,7 +298,8 @@ class TrainingRun:
                     calls.append(count.detach().float().reshape(()) * float(real))
                     return count
 
-                self.objective.loss(self.module, batch, normalize=record)
+                with self.autocast():
+                    self.objective.loss(self.module, batch, normalize=record)
                 for j, c in enumerate(calls):
                     if j < len(per_call):
                         per_call[j] = per_call[j] + c
@@ -338,8 +344,13 @@ class TrainingRun:
         self.history.append({"step": self.step, **metrics})
         return mean_loss
 
+    def autocast(self):
+        """The drafter's compute dtype (bfloat16 autocast, or nothing for float32)."""
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
+
     def evaluate(self) -> None:
-        result = evaluate(self.objective, self.module, self.eval_loader, self.accelerator)
+        with self.autocast():
+            result = evaluate(self.objective, self.module, self.eval_loader, self.accelerator)
         self.accelerator.log(result, step=self.step)
         self.history.append({"step": self.step, **result})
         self.accelerator.print(f"[specheads] step {self.step}: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in result.items() if "rank" not in k))
@@ -369,6 +380,20 @@ class TrainingRun:
         acc.wait_for_everyone()
         acc.end_training()
         return final
+
+
+def training_dtype(name: str, device) -> tuple[torch.dtype, str]:
+    """(the drafter's compute dtype, why) for ``training.dtype``."""
+    if name == "float32":
+        return torch.float32, "training.dtype float32"
+    from ..verifier import native_bf16
+
+    native = native_bf16(torch.device(device))
+    if name == "bfloat16":
+        return torch.bfloat16, "training.dtype bfloat16" + ("" if native else " (emulated on this device: slower than float32)")
+    if native:
+        return torch.bfloat16, f"training.dtype auto: {native}"
+    return torch.float32, "training.dtype auto: no native bfloat16 here"
 
 
 def _accelerator(t):
