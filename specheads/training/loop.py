@@ -107,7 +107,9 @@ class TrainingRun:
             from ..verifier import load_verifier
 
             with _loaded_whole():
-                verifier = load_verifier(self.recipe.verifier.name, dtype=self.recipe.verifier.dtype, device=acc.device,
+                # float32_head off: training reads hidden states and batched argmaxes, where the head's
+                # float32 refinement of near-ties only costs time (a batch of rows often holds one)
+                verifier = load_verifier(self.recipe.verifier.name, dtype=self.recipe.verifier.dtype, device=acc.device, float32_head=False,
                                          trust_remote_code=self.recipe.verifier.trust_remote_code)
         check_recipe_for_verifier(self.recipe, verifier)
         if datasets is None:
