@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic_files import atomic_directory, recover_directory
 from .errors import SpecHeadsError
-from .verifier import weights_sha256
+from .model_id import weights_sha256
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

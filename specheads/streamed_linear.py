@@ -124,7 +124,7 @@ def _fill(chosen: list[int], measured: list[int]) -> list[int]:
     return sorted(out)
 
 
-def tune_streaming(model: nn.Module, *, rows: Iterable[int] = (2, 3, 4, 5, 6, 8, 10, 12, 16), context: int = 128,
+def tune_streaming(model: nn.Module, *, rows: Iterable[int] = (2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64), context: int = 128,
                    margin: float = 0.03, **timing) -> dict:
     """Time the model's forward over ``rows`` new tokens after ``context`` cached ones with linears
     packed (as torch does), the LM head streamed, and every linear streamed, interleaved in rounds
@@ -187,7 +187,7 @@ def linears_key(model: nn.Module) -> str:
 def machine_key(model: nn.Module) -> str:
     """What a tuning result depends on: the model (its shape and LM-head fingerprint, not its
     path), its dtype, the thread count, the CPU and torch."""
-    from .verifier import fingerprint
+    from .model_id import fingerprint
 
     cfg = model.config
     layers = getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", "?"))

@@ -46,7 +46,7 @@ class FeatureStore:
     """Per-token verifier features, keyed by the whole token sequence (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike, verifier, aux_layer_ids: list[int], *, say=None):
-        from ..verifier import weights_sha256
+        from ..model_id import weights_sha256
 
         say = say or (lambda msg: print(f"[specheads] {msg}", file=sys.stderr, flush=True))
         self.aux_layer_ids = [int(i) for i in aux_layer_ids]
