@@ -55,9 +55,29 @@ HISTORY_KEPT = 20  # history entries kept in checkpoints and in training_summary
 SUMMARY = "training_summary.json"
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+LENGTH_GROUP, LENGTH_RUN, LENGTH_JITTER = 256, 16, 0.1
+
+
+def epoch_order(n: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[int]:
+    """The examples of an epoch in a random order fixed by (seed, epoch). With ``lengths``, each
+    group of ``LENGTH_GROUP`` examples is sorted by length (times a random factor within
+    1 +- LENGTH_JITTER, so the runs differ from epoch to epoch even in a small dataset) and cut
+    into runs of ``LENGTH_RUN`` whose order is shuffled: consecutive examples (a batch) have
+    similar lengths, so a batch pads little, while the order stays random at the scale of runs.
+    It depends on neither the batch size nor the process count, so G micro-batches of b see what
+    one batch of G*b does."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(n, generator=g).tolist()
+    if lengths is None:
+        return order
+    jitter = (1 + LENGTH_JITTER * (2 * torch.rand(n, generator=g) - 1)).tolist()
+    out: list[int] = []
+    for start in range(0, n, LENGTH_GROUP):
+        group = sorted(order[start : start + LENGTH_GROUP], key=lambda i: lengths[i] * jitter[i])
+        runs = [group[r : r + LENGTH_RUN] for r in range(0, len(group), LENGTH_RUN)]
+        for r in torch.randperm(len(runs), generator=g).tolist():
+            out += runs[r]
+    return out
 
 
 def train(recipe: Recipe, *, resume: bool = False, force: bool = False, verifier=None, datasets=None, progress: bool = True,
@@ -88,6 +108,7 @@ class TrainingRun:
         self.history: list[dict] = []
         self.last_eval: dict = {}
         self._orders: dict[int, list[int]] = {}  # the current epoch's example order
+        self._lengths: list[int] | None = None
         self._ddp_forwards = 0
 
     # -- setup ----------------------------------------------------------------------------------
@@ -207,7 +228,9 @@ class TrainingRun:
         t, n = self.t, len(self.train_ds)
         epoch, offset = divmod(m, math.ceil(n / t.batch_size))
         if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(n, t.seed, epoch)}
+            if t.group_by_length and self._lengths is None:
+                self._lengths = [len(ids) for ids in self.train_ds["input_ids"]]
+            self._orders = {epoch: epoch_order(n, t.seed, epoch, self._lengths if t.group_by_length else None)}
         idx = self._orders[epoch][offset * t.batch_size : (offset + 1) * t.batch_size]
         # Each process takes its slice of the global batch (a short last one is spread evenly).
         mine = idx[self.rank * len(idx) // self.P : (self.rank + 1) * len(idx) // self.P]

@@ -28,6 +28,8 @@ def prepare_datasets(recipe, verifier, accelerator=None):
         generate_self_distillation(
             verifier, prompts, s.output_dir, max_new_tokens=s.max_new_tokens,
             temperature=s.temperature, batch_size=s.batch_size, seed=recipe.training.seed,
+            # prompts are sorted by length within a shard: several batches per shard pad far less
+            shard_size=max(64, 4 * s.batch_size),
             accelerator=accelerator, capture=feature_capture(recipe, verifier),
         )
         parts.append(load_conversations(s.output_dir, verifier, max_length=d.max_length))

@@ -161,6 +161,9 @@ class TrainingSection:
     # is checked on open, so a folder made for anything else is refused, never misread.
     hidden_cache_dir: str | None = None
     lora: LoraSection | None = None
+    # Batches of examples of similar length (sorted within groups of 256, runs of 64 shuffled):
+    # padding is computed like real tokens, and conversations differ in length by 10x
+    group_by_length: bool = True
     # What the drafter's forward and backward compute in (its weights and optimizer state stay
     # float32): auto = bfloat16 autocast where the hardware does bf16 natively (CUDA with bf16, a CPU
     # with AVX512-BF16 or AMX; measured 2x a float32 EAGLE-3 step on such a CPU), float32 elsewhere.

@@ -140,10 +140,16 @@ class Eagle3Objective:
         outs = model.ttt_forward(aux.to(dtype), ids, self.verifier.model.get_input_embeddings(), steps)
         T = ids.shape[1]
         answer = batch["answer_mask"].bool()
-        targets = None
-        if teacher:  # every step reads the same distributions, shifted: compute them once
+        targets = where = None
+        if teacher:
+            # Every step reads the same distributions, shifted: compute them once, and only at the
+            # positions j whose next token is an answer token (no prompt, no padding).
+            need = torch.zeros_like(answer)
+            need[:, :-1] = answer[:, 1:]
+            where = torch.full(answer.shape, -1, dtype=torch.long, device=answer.device)
+            where[need] = torch.arange(int(need.sum()), device=answer.device)
             with torch.no_grad():
-                targets = torch.log_softmax((last @ self._teacher_rows(last.device, last.dtype).T).float(), -1)
+                targets = torch.log_softmax((last[need] @ self._teacher_rows(last.device, last.dtype).T).float(), -1)
         rows = []
         for i, out in enumerate(outs):
             # index t predicts the token at t + 2 + i from the verifier's distribution at t + 1 + i
@@ -153,7 +159,7 @@ class Eagle3Objective:
                 continue
             valid = answer[:, 2 + i :]
             student = model.logits(out[:, :n][valid])
-            target = None if targets is None else targets[:, 1 + i : 1 + i + n][valid]
+            target = None if targets is None else targets[where[:, 1 + i : 1 + i + n][valid]]
             rows.append((student, target, argmax[:, 1 + i : 1 + i + n][valid], valid))
         return rows
 
