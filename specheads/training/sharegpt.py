@@ -39,6 +39,9 @@ SOURCE = "sharegpt"  # a recipe's name for it: "sharegpt" or "sharegpt:PATH"
 ROLES = {"human": "user", "user": "user", "system": "system",
          "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "assistant": "assistant"}
 MAX_PROMPT_CHARS = 2000  # longer first turns are pasted documents more than requests
+# A conversation answered turn by turn stops at a longer user turn: the verifier's prefill and
+# every later decoding step pay for each prompt token, and a batch pads to its longest prompt.
+SCRIPT_TURN_CHARS = 1000
 _CHUNK = 1 << 20
 _WS = " \t\n\r"
 _decoder = json.JSONDecoder()
@@ -259,7 +262,7 @@ def user_turn_scripts(path: str | os.PathLike | None = None, limit: int | None =
                       max_turns: int = 2) -> list[dict]:
     """Conversations to answer on policy, turn by turn: ``{"user_turns": [...]}`` with each
     conversation's first ``max_turns`` user turns (a conversation stops at its first turn longer
-    than ``MAX_PROMPT_CHARS``), distinct by first turn, in an order fixed by ``seed`` (the order of
+    than ``SCRIPT_TURN_CHARS``), distinct by first turn, in an order fixed by ``seed`` (the order of
     ``first_user_turns``); the first ``limit`` of them."""
     _check_limit(limit)
     if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
@@ -272,7 +275,7 @@ def user_turn_scripts(path: str | os.PathLike | None = None, limit: int | None =
             if t["role"] != "user":
                 continue
             text = t["content"].strip()
-            if not text or len(text) > MAX_PROMPT_CHARS or len(users) == max_turns:
+            if not text or len(text) > SCRIPT_TURN_CHARS or len(users) == max_turns:
                 break
             users.append(text)
         if users and users[0] not in scripts:
