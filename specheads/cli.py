@@ -19,9 +19,11 @@ DRAFTER_HELP = (
 def _add_verifier_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("verifier")
     g.add_argument("--verifier", default="smollm2-135m", help="alias (smollm2-135m), model directory, .gguf file or hub id (default: %(default)s)")
-    g.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype; auto: bfloat16 where the device computes it natively (CUDA with bfloat16, a CPU with "
-                   "avx512_bf16 or amx_bf16), else float32 (default: %(default)s)")
+                   "avx512_bf16 or amx_bf16), else float32. bfloat16 makes a forward over many tokens cost little more "
+                   "than over one, so trees pay, but its outputs may differ from plain decoding at numerical ties (the "
+                   "report tells them from mismatches); float32 is exact (default: %(default)s)")
     g.add_argument("--float32-head", default="on", choices=["on", "off"],
                    help="bfloat16 / float16 verifiers: compute the LM head in float32, so that logits are not rounded to the "
                    "dtype's coarse steps, where top-2 ties are common (default: %(default)s)")
@@ -443,7 +445,7 @@ def cmd_demo(args) -> int:
     else:
         print(f"[specheads] step 1/2: using the trained drafter in {final} (--retrain to train again)", flush=True)
     print("[specheads] step 2/2: benchmark against plain decoding", flush=True)
-    args.drafter = final
+    args.drafter = final if args.lookup == "none" else f"{final}+{args.lookup}"
     report = run_bench(args)
     for n in [n for n in report["methods"] if n.startswith("speculative")]:
         m = report["methods"][n]
@@ -672,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
                    + ", ".join(f"{k}: {v}" for k, v in DEMO_RECIPES.items()) + ")")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     p.add_argument("--retrain", action="store_true", help="train from scratch even if the recipe's drafter exists")
+    p.add_argument("--lookup", default="ngram", choices=["ngram", "suffix", "ngram+suffix", "none"],
+                   help="training-free drafters benchmarked together with the trained one as a hybrid (their candidate trees "
+                   "merged each step; goodput control keeps what pays); none: the trained drafter alone (default: %(default)s)")
     p.set_defaults(num_prompts=5)
     p.set_defaults(func=cmd_demo)
     return parser
