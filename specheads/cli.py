@@ -558,7 +558,7 @@ def _add_bench_args(p: argparse.ArgumentParser, *, output: str) -> None:
     _add_verifier_args(p)
     _add_decoding_args(p, sweep=True)
     g = p.add_argument_group("prompts and report")
-    g.add_argument("--prompts", default="default", help="'default' (shipped set), a .jsonl file (MT-Bench 'turns' or 'prompt' records), a saved dataset dir, or a hub dataset 'name[:split]' (default: %(default)s)")
+    g.add_argument("--prompts", default="default", help="'default' (shipped set), 'translation' (shipped: paragraphs to translate), 'random' (random letter strings to continue: drafts fail), a .jsonl file (MT-Bench 'turns' or 'prompt' records), a saved dataset dir, or a hub dataset 'name[:split]' (default: %(default)s)")
     g.add_argument("--prompt-field", default=None, help="record field holding the prompt (default: detected)")
     g.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: %(default)s; None = all)")
     g.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate / assisted-generation baselines")

@@ -3,7 +3,8 @@
 A prompt is a plain string or chat turns ``[{"role": ..., "content": ...}]``; ``Verifier.encode``
 turns either into token ids: through the tokenizer's chat template when it has one, else (a base
 model) chat turns become plain text, "User: ...\nAssistant:" (``turns_as_plain_text``). Sources: ``default`` (a small set shipped with the package, so
-everything runs offline), a jsonl file (MT-Bench / Spec-Bench records with ``turns``, or records
+everything runs offline), ``translation`` (shipped: English paragraphs to translate), ``random``
+(lists of random letter strings to continue), a jsonl file (MT-Bench / Spec-Bench records with ``turns``, or records
 with ``prompt`` / ``instruction`` / ``question`` / ``messages``), a directory written by
 ``datasets.save_to_disk``, ShareGPT V3's first user turns (``sharegpt`` for the installed copy or
 ``sharegpt:PATH``; see ``specheads.training.sharegpt``), or a Hugging Face dataset name (``name``
@@ -25,6 +26,21 @@ TEXT_FIELDS = ("prompt", "instruction", "question", "input", "text")
 
 def default_prompts_path() -> str:
     return str(resources.files("specheads") / "data" / "prompts.jsonl")
+
+
+# Shipped prompt sets beside "default": where drafts have a hard time (text in another language
+# than the prompt; words no model can predict), for checking that speculation does not cost speed.
+SHIPPED = {"translation": "translation.jsonl"}
+
+
+def random_word_prompts(n: int = 20, words: int = 30, seed: int = 0) -> list[str]:
+    """``n`` prompts asking to continue a list of random letter strings: text no drafter has seen."""
+    import random
+
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return ["Continue this list with ten more words like these: " + " ".join(
+        "".join(rng.choice(letters) for _ in range(rng.randint(3, 9))) for _ in range(words)) for _ in range(n)]
 
 
 def record_to_prompt(record: dict, field: str | None = None) -> Prompt:
@@ -64,6 +80,10 @@ def load_prompts(source: str = "default", *, field: str | None = None, limit: in
         raise SpecHeadsError(f"number of prompts must be >= 1, got {limit}")
     if source == "default":
         source = default_prompts_path()
+    elif source in SHIPPED:
+        source = str(resources.files("specheads") / "data" / SHIPPED[source])
+    elif source == "random":
+        return random_word_prompts()[:limit]
     from .training.sharegpt import first_user_turns, is_sharegpt_source, source_path
 
     if is_sharegpt_source(source):  # before the hub: "sharegpt:PATH" is not "name:split"

@@ -262,3 +262,12 @@ def test_drafter_labels_tell_apart_runs_with_the_same_folder_names():
     kinds = ["medusa", "medusa", "draft_model", "ngram", "draft_model"]
     assert _drafter_labels(specs, kinds) == [
         "medusa:a/medusa/drafter", "medusa:b/medusa/drafter", "draft_model:distill/drafter", "ngram", "draft_model:SmolLM2-360M"]
+
+
+def test_shipped_prompt_sets_where_drafts_struggle():
+    from specheads.prompts import load_prompts
+
+    translation = load_prompts("translation")
+    assert len(translation) == 20 and all(p.startswith("Translate the following text into ") for p in translation)
+    rand = load_prompts("random", limit=5)
+    assert len(rand) == 5 and rand == load_prompts("random")[:5] and len(set(rand)) == 5  # fixed seed, all different
