@@ -537,9 +537,9 @@ E2E_SAMPLING = {
     "eagle3_chain_goodput": SamplingParams(temperature=0.7, top_p=0.9),
     "hybrid_goodput": SamplingParams(temperature=0.7),
 }
-# The verify cost goodput control reads in the e2e tests: each node adds a quarter of a one-token
+# The verify cost goodput control reads in the e2e tests: each node adds a twentieth of a one-token
 # forward, so nodes the calibrated estimates rate unlikely are dropped and the rest verified.
-E2E_GOODPUT_COST_MS = (40.0, 10.0)
+E2E_GOODPUT_COST_MS = (40.0, 2.0)
 E2E_DRAFT_VOCAB_KINDS = ("draft_vocab", "eagle3_chain")  # token 1 can only come from the verifier
 
 
