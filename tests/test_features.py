@@ -8,7 +8,7 @@ import torch
 
 from conftest import EOS, PAD, cached_verifier, make_verifier
 from specheads.training.data import generate_self_distillation
-from specheads.training.features import FeatureCapture, FeatureStore, features_from_generation, tokens_key
+from specheads.training.features import UNKNOWN_ARGMAX, FeatureCapture, FeatureStore, features_from_generation, tokens_key
 
 AUX = [1, 2]  # tiny models have 2 layers: the input to layer 1 and the final norm's output (id 2)
 
@@ -45,6 +45,8 @@ def test_generation_capture_equals_a_teacher_forced_forward():
         assert not aux[ran:].any()
         # argmax from the last prompt position on: the verifier's next token (greedy)
         assert argmax[len(p) - 1 : ran].tolist() == ref_arg[len(p) - 1 : ran].tolist()
+        # before it generate computed no logits: unknown, which evaluation leaves out (not a miss)
+        assert (argmax[: len(p) - 1] == UNKNOWN_ARGMAX).all()
 
 
 def test_store_round_trip_and_two_writers(tmp_path):

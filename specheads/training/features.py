@@ -217,6 +217,9 @@ class FeatureCapture:
         return torch.cat(aux, -1), last, torch.cat([a[:, -1:] for a in self.argmax], 1)
 
 
+UNKNOWN_ARGMAX = -1  # a position whose logits no forward computed
+
+
 def features_from_generation(capture: FeatureCapture, width: int, prompt_lengths: list[int], answers: list[list[int]],
                              max_length: int | None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per conversation of a left-padded generation batch (prompts padded to ``width``): the
@@ -224,7 +227,9 @@ def features_from_generation(capture: FeatureCapture, width: int, prompt_lengths
     forward that ran token t: the prefill for prompt tokens, decode step j for answer token j - 1.
     The last token of a conversation is never run (nothing is generated after it), and no loss
     reads its row, so it is zero. The argmax at the last prompt position and at every answer
-    position is the logits' own (the next token when greedy)."""
+    position is the logits' own (the next token when greedy); ``generate`` computes no logits at
+    the other prompt positions (a later turn's prompt holds earlier answers), so their argmax is
+    UNKNOWN_ARGMAX: trained on (the target distribution comes from the hidden state), not evaluated."""
     aux, last, argmax = capture.rows()
     out = []
     for b, (p, answer) in enumerate(zip(prompt_lengths, answers)):
@@ -235,7 +240,7 @@ def features_from_generation(capture: FeatureCapture, width: int, prompt_lengths
         a = torch.zeros(keep, aux.shape[-1], dtype=aux.dtype)
         h = torch.zeros(keep, last.shape[-1], dtype=last.dtype)
         a[:ran], h[:ran] = aux[b, cols].cpu(), last[b, cols].cpu()
-        m = torch.zeros(keep, dtype=torch.long)
+        m = torch.full((keep,), UNKNOWN_ARGMAX, dtype=torch.long)
         # argmax[b, 0] is the prefill's (at the last prompt position), argmax[b, j] decode step j's
         steps = min(keep - (p - 1), argmax.shape[1]) if keep >= p else 0
         if steps > 0:

@@ -23,7 +23,7 @@ import torch
 from ...draft_vocab import build_token_map
 from ...drafters.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_d2t, init_from_verifier, save_eagle3
 from ...errors import SpecHeadsError
-from ..features import FeatureStore, tokens_key
+from ..features import UNKNOWN_ARGMAX, FeatureStore, tokens_key
 
 LOSSES = ("soft",)
 RANKS = 4  # choices per step counted at evaluation (what a tree of top-k children could accept)
@@ -158,6 +158,8 @@ class Eagle3Objective:
                 rows.append(None)
                 continue
             valid = answer[:, 2 + i :]
+            if not teacher:  # evaluation scores only positions whose verifier argmax is known
+                valid = valid & (argmax[:, 1 + i : 1 + i + n] != UNKNOWN_ARGMAX)
             student = model.logits(out[:, :n][valid])
             target = None if targets is None else targets[where[:, 1 + i : 1 + i + n][valid]]
             rows.append((student, target, argmax[:, 1 + i : 1 + i + n][valid], valid))
@@ -172,7 +174,8 @@ class Eagle3Objective:
             if row is None:
                 continue
             student, target, argmax, _ = row
-            in_vocab = self.to_draft.to(argmax.device)[argmax] >= 0
+            # (an argmax no forward computed is trained on: the target distribution is known)
+            in_vocab = (self.to_draft.to(argmax.device)[argmax.clamp_min(0)] >= 0) | (argmax == UNKNOWN_ARGMAX)
             logq = torch.log_softmax(student[in_vocab].float(), -1)
             step_sum = -(target[in_vocab].exp() * logq).sum()
             step_loss = step_sum / normalize(in_vocab.sum().float()).clamp_min(1.0)
