@@ -144,6 +144,36 @@ def test_resume_after_interruption_equals_uninterrupted_run(verifier, reference,
     assert json.loads((out / "manifest.json").read_text())["runs"][-1]["prompts"] == 2
 
 
+def test_batch_too_large_for_memory_is_named_and_leaves_no_shard(verifier, reference, tmp_path, monkeypatch):
+    """A batch whose estimated size exceeds the free memory is refused before it runs, and an
+    allocation failure during generation is reported the same way: the batch size named, the
+    shards written before it kept, none half-written."""
+    import specheads.training.data as data
+
+    expected, _ = reference
+    out = tmp_path / "sd"
+    monkeypatch.setattr(data, "_free_bytes", lambda device: 1000)
+    with pytest.raises(SpecHeadsError, match=r"batch of 3 prompts.*data.self_distill.batch_size \(now 3\)"):
+        run(verifier, PROMPTS, out, shard_size=4)
+    monkeypatch.undo()
+    assert load_self_distilled(out).num_rows == 0
+    real_generate, calls = verifier.model.generate, {"n": 0}
+
+    def oom_on_third(*args, **kwargs):  # shard 0 = 2 batches of 2; shard 1's batch fails
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(verifier.model, "generate", oom_on_third)
+    with pytest.raises(SpecHeadsError, match="batch of 2 prompts.*ran out of memory"):
+        run(verifier, PROMPTS, out, batch_size=2, shard_size=4)
+    monkeypatch.undo()
+    assert load_self_distilled(out).num_rows == 4
+    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]
+    assert rows(run(verifier, PROMPTS, out, shard_size=4)) == expected  # resumes after them
+
+
 def test_resume_after_lost_shard(verifier, reference, tmp_path):
     expected, _ = reference
     out = tmp_path / "sd"

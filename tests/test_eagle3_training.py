@@ -215,3 +215,15 @@ def test_training_dtype_auto_is_bfloat16_where_native_and_says_so(tmp_path, monk
     assert losses[-1] < losses[0], losses
     state = load_drafter_state(final)[1]
     assert all(t.dtype == torch.float32 for k, t in state.items() if t.is_floating_point())  # weights stay float32
+
+
+def test_training_dtype_bfloat16_without_native_support_warns_with_the_measured_slowdown(monkeypatch):
+    import specheads.verifier
+
+    from specheads.training.loop import training_dtype
+
+    monkeypatch.setattr(specheads.verifier, "native_bf16", lambda device: None)
+    monkeypatch.setattr(specheads.verifier, "bf16_slowdown", lambda: 3.25)
+    with pytest.warns(UserWarning, match=r"took 3\.2x the time of a float32 one"):
+        dtype, why = training_dtype("bfloat16", "cpu")
+    assert dtype == torch.bfloat16 and "emulated" in why and "3.2x" in why

@@ -589,18 +589,78 @@ def _answer_batch(gen: _Generation, batch: list[_Prompt], final: list[bool] | No
     generation's own forwards also give every conversation's features, which are stored."""
     seed = _batch_seed(gen.seed, [item.pid for item in batch]) if gen.temperature > 0 else None
     prompts = [item.ids for item in batch]
+    _check_batch_memory(gen, prompts)
     if gen.capture is None:
-        return _generate_batch(gen.verifier, prompts, gen.config, gen.pad_id, seed)
+        with _out_of_memory_named(gen, prompts):
+            return _generate_batch(gen.verifier, prompts, gen.config, gen.pad_id, seed)
     from .features import FeatureCapture, features_from_generation, tokens_key
 
     store, aux_ids, max_length = gen.capture
-    with FeatureCapture(gen.verifier.model, aux_ids) as cap:
+    with _out_of_memory_named(gen, prompts), FeatureCapture(gen.verifier.model, aux_ids) as cap:
         answers = _generate_batch(gen.verifier, prompts, gen.config, gen.pad_id, seed)
     rows = features_from_generation(cap, max(map(len, prompts)), [len(p) for p in prompts], answers, max_length)
     final = final or [True] * len(batch)
     store.put([(tokens_key((p + a)[: len(aux)]), aux, last, argmax)
                for p, a, (aux, last, argmax), keep in zip(prompts, answers, rows, final) if keep])
     return answers
+
+
+def _batch_bytes(gen: _Generation, prompts: list[list[int]]) -> int:
+    """A rough upper estimate of what one generation batch holds at its end: the KV cache over
+    prompt + answer, float32 scores and logits per step, the prefill's widest activation, and with
+    capture every forward's aux and last hidden states."""
+    cfg = gen.verifier.model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    item = torch.empty((), dtype=gen.verifier.dtype).element_size()
+    B, width = len(prompts), max(map(len, prompts))
+    L = width + gen.max_new_tokens
+    hidden = cfg.hidden_size
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * L * B * item
+    scores = 2 * B * cfg.vocab_size * 4
+    prefill = B * width * max(getattr(cfg, "intermediate_size", 4 * hidden), heads * width) * item * 3
+    captured = B * L * (len(gen.capture[1]) + 1) * hidden * item if gen.capture is not None else 0
+    return kv + scores + prefill + captured
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        return None
+
+
+def _too_large(gen: _Generation, prompts: list[list[int]], need: str) -> SpecHeadsError:
+    return SpecHeadsError(
+        f"self-distillation batch of {len(prompts)} prompts (the longest {max(map(len, prompts))} tokens, "
+        f"+ {gen.max_new_tokens} new) {need} on {gen.verifier.device}: lower data.self_distill.batch_size "
+        f"(now {gen.batch_size}) or max_new_tokens; shards already written are kept and a rerun resumes after them")
+
+
+def _check_batch_memory(gen: _Generation, prompts: list[list[int]]) -> None:
+    """Refuse a batch that cannot fit before it runs, rather than swap or be killed halfway."""
+    free = _free_bytes(gen.verifier.device)
+    need = _batch_bytes(gen, prompts)
+    if free is not None and need > 0.9 * free:
+        raise _too_large(gen, prompts, f"needs about {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free")
+
+
+@contextlib.contextmanager
+def _out_of_memory_named(gen: _Generation, prompts: list[list[int]]):
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise _too_large(gen, prompts, "ran out of memory") from exc
+    except RuntimeError as exc:
+        if "allocate" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        raise _too_large(gen, prompts, "ran out of memory") from exc
 
 
 def _record(verifier, prompt: tuple[str, Any], history: list[dict], ids: list[int], answer: list[int], first_len: int) -> dict:

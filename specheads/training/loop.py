@@ -411,11 +411,15 @@ def training_dtype(name: str, device) -> tuple[torch.dtype, str]:
     """(the drafter's compute dtype, why) for ``training.dtype``."""
     if name == "float32":
         return torch.float32, "training.dtype float32"
-    from ..verifier import native_bf16
+    from ..verifier import native_bf16, warn_if_emulated_bf16
 
     native = native_bf16(torch.device(device))
     if name == "bfloat16":
-        return torch.bfloat16, "training.dtype bfloat16" + ("" if native else " (emulated on this device: slower than float32)")
+        if native:
+            return torch.bfloat16, "training.dtype bfloat16"
+        ratio = warn_if_emulated_bf16(torch.bfloat16, torch.device(device), native=lambda d: None)
+        slower = f": a bfloat16 matrix product took {ratio:.1f}x float32's here" if ratio else ""
+        return torch.bfloat16, f"training.dtype bfloat16 (emulated on this device{slower})"
     if native:
         return torch.bfloat16, f"training.dtype auto: {native}"
     return torch.float32, "training.dtype auto: no native bfloat16 here"
