@@ -208,7 +208,7 @@ def specheads_side(args) -> int:
 
     def decode(drafter):
         outs, steps, stats = [], [], None
-        decoder = SpeculativeDecoder(verifier, drafter, num_draft_tokens=args.k)
+        decoder = SpeculativeDecoder(verifier, drafter, num_draft_tokens=args.k, control="fixed")  # vLLM verifies all k
         for prompt in ids:
             out = decoder.generate(prompt, max_new_tokens=budget, sampling=greedy)
             outs.append(out.token_ids)
