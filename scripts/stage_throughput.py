@@ -15,8 +15,10 @@ many times over. Prints one markdown table.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,18 +26,17 @@ import torch
 def feature_rate(verifier, ids: list[list[int]], aux: list[int], batch: int, length: int) -> float:
     from specheads.training.features import FeatureCapture
 
-    rows = [r[:length] + [0] * (length - len(r[:length])) for r in ids[:batch]]
-    x = torch.tensor(rows, device=verifier.device)
+    x = torch.tensor([r[:length] for r in ids[:batch]], device=verifier.device)  # every row has >= length tokens
     with torch.no_grad(), FeatureCapture(verifier.model, aux):
         verifier.model(input_ids=x[:, :32])  # warm-up
         t0 = time.perf_counter()
-        verifier.model(input_ids=x, output_hidden_states=False)
+        verifier.model(input_ids=x)
         dt = time.perf_counter() - t0
     return x.numel() / dt
 
 
 def generate_rate(verifier, prompts: list[str], batch: int, new: int, aux: list[int]) -> float:
-    from specheads.training.data import generate_self_distillation
+    from specheads.training.data import MANIFEST, generate_self_distillation
     from specheads.training.features import FeatureStore
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,10 +44,7 @@ def generate_rate(verifier, prompts: list[str], batch: int, new: int, aux: list[
         t0 = time.perf_counter()
         generate_self_distillation(verifier, prompts[:batch], f"{tmp}/sd", max_new_tokens=new, batch_size=batch,
                                    shard_size=max(64, batch), progress=False, capture=(store, aux, 2048))
-        import json
-
-        runs = json.load(open(f"{tmp}/sd/manifest.json"))["runs"]
-        return runs[-1]["tokens_per_s"]
+        return json.loads((Path(tmp) / "sd" / MANIFEST).read_text())["runs"][-1]["tokens_per_s"]
 
 
 def main() -> None:

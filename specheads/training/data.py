@@ -590,14 +590,14 @@ def _answer_batch(gen: _Generation, batch: list[_Prompt], final: list[bool] | No
     seed = _batch_seed(gen.seed, [item.pid for item in batch]) if gen.temperature > 0 else None
     prompts = [item.ids for item in batch]
     _check_batch_memory(gen, prompts)
-    if gen.capture is None:
-        with _out_of_memory_named(gen, prompts):
-            return _generate_batch(gen.verifier, prompts, gen.config, gen.pad_id, seed)
     from .features import FeatureCapture, features_from_generation, tokens_key
 
-    store, aux_ids, max_length = gen.capture
-    with _out_of_memory_named(gen, prompts), FeatureCapture(gen.verifier.model, aux_ids) as cap:
+    capture = FeatureCapture(gen.verifier.model, gen.capture[1]) if gen.capture is not None else contextlib.nullcontext()
+    with _out_of_memory_named(gen, prompts), capture as cap:
         answers = _generate_batch(gen.verifier, prompts, gen.config, gen.pad_id, seed)
+    if gen.capture is None:
+        return answers
+    store, _, max_length = gen.capture
     rows = features_from_generation(cap, max(map(len, prompts)), [len(p) for p in prompts], answers, max_length)
     final = final or [True] * len(batch)
     store.put([(tokens_key((p + a)[: len(aux)]), aux, last, argmax)
