@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..decoding.candidates import Candidates
-from ..decoding.kv_cache import cache_kwargs, new_cache, truncate_cache
+from ..decoding.kv_cache import cache_kwargs, new_cache, record_for_rollback, truncate_cache
 from ..decoding.sampling import draw
 from ..errors import SpecHeadsError
 from .base import DraftContext
@@ -104,6 +104,9 @@ class DraftModelDrafter:
         truncate_cache(self._cache, common)
         del self._cached[common:]
         logits = self._forward(tokens[common:])
+        # The draft rows below are cropped at the next proposal when rejected: a sliding-window
+        # draft model (gpt-oss, Mistral) must keep what they push out of its window until then.
+        record_for_rollback(self._cache)
         drafts: list[int] = []
         probs: list[torch.Tensor] = []
         scores: list[float] = []  # the draft's probability of each token: goodput control's confidence
