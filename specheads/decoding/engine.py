@@ -32,7 +32,8 @@ import torch
 from ..errors import SpecHeadsError
 from .candidates import Candidates, DraftContext
 from .goodput import Calibrator, GoodputController, Selection, merge
-from .kv_cache import attention_layers, cache_kwargs, can_record_past, keep_positions, new_cache, record_for_rollback, truncate_cache
+from .kv_cache import (attention_layers, cache_kwargs, can_record_past, keep_positions, new_cache, no_router_outputs, record_for_rollback,
+                       truncate_cache)
 from .metrics import DecodingStats
 from .sampling import SamplingParams, draw
 from .tree import clip_tree_depth, tree_attention_mask, tree_max_depth, tree_position_ids
@@ -101,6 +102,7 @@ class SpeculativeDecoder:
         self._cost = cost
         self._calibrator = Calibrator()  # what the drafters' confidence is worth: kept across prompts
         self._layers = attention_layers(self.model)
+        self._router_kw = no_router_outputs(self.model)
         self._no_trees = self._check_tree_support(drafter) if drafter is not None else None
 
     def _check_tree_support(self, drafter) -> str | None:
@@ -199,10 +201,10 @@ class SpeculativeDecoder:
 
         # Prefill: run the prompt, emit the first token.
         cache = new_cache(self.model)
-        cache_kw = cache_kwargs(self.model, cache)
+        forward_kw = {**cache_kwargs(self.model, cache), **self._router_kw}
         out = self.model(
             input_ids=torch.tensor([prompt_ids], device=device),
-            **cache_kw,
+            **forward_kw,
             use_cache=True,
             logits_to_keep=1,
             output_hidden_states=wants_hidden,
@@ -243,7 +245,7 @@ class SpeculativeDecoder:
             cands = sel.candidates
             t1 = time.perf_counter()
             step = self._chain_step if cands.is_chain else self._tree_step
-            emitted, path, drafted, step_hidden = step(cands, tokens, cache, cache_kw, sampling, generator, device, wants_hidden)
+            emitted, path, drafted, step_hidden = step(cands, tokens, cache, forward_kw, sampling, generator, device, wants_hidden)
             t2 = time.perf_counter()
             if controller is not None:
                 controller.update(sel, path, t2 - t1)
@@ -271,7 +273,7 @@ class SpeculativeDecoder:
                                 margins=margins, top_logits=top_logits)
 
     # -- verify steps -------------------------------------------------------------------------
-    def _chain_step(self, cands: Candidates, tokens: list[int], cache, cache_kw, sampling, generator, device, wants_hidden):
+    def _chain_step(self, cands: Candidates, tokens: list[int], cache, forward_kw, sampling, generator, device, wants_hidden):
         """Verify a chain (or nothing: plain decoding) in one plain causal forward.
 
         Returns (emitted tokens, the accepted nodes (a prefix), number drafted, the hidden states of
@@ -279,7 +281,7 @@ class SpeculativeDecoder:
         """
         step_ids = torch.cat([torch.tensor([tokens[-1]]), cands.tokens.cpu()]).to(device)
         record_for_rollback(cache)
-        out = self.model(input_ids=step_ids[None], **cache_kw, use_cache=True, output_hidden_states=wants_hidden)
+        out = self.model(input_ids=step_ids[None], **forward_kw, use_cache=True, output_hidden_states=wants_hidden)
         logits = out.logits[0]
         if sampling.greedy:
             n_acc, nxt = greedy_verify(logits, cands.tokens.to(device))
@@ -300,7 +302,7 @@ class SpeculativeDecoder:
         hidden = tuple(h[0, : n_acc + 1] for h in self._declared_all(out.hidden_states)) if wants_hidden else None
         return emitted, list(range(n_acc)), len(cands), hidden
 
-    def _tree_step(self, cands: Candidates, tokens: list[int], cache, cache_kw, sampling, generator, device, wants_hidden):
+    def _tree_step(self, cands: Candidates, tokens: list[int], cache, forward_kw, sampling, generator, device, wants_hidden):
         """Verify a candidate tree in one forward with tree attention and fix the cache.
 
         Returns (emitted tokens, the accepted path's nodes, the tree's depth, the hidden states of
@@ -317,7 +319,7 @@ class SpeculativeDecoder:
             input_ids=step_ids[None],
             attention_mask=self._tree_masks(parents, past_len, cache, dtype, device),
             position_ids=tree_position_ids(parents, past_len, device=device),
-            **cache_kw,
+            **forward_kw,
             use_cache=True,
             output_hidden_states=wants_hidden,
         )

@@ -73,6 +73,22 @@ def cache_kwargs(model, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
+def no_router_outputs(model) -> dict:
+    """``output_router_logits=False`` for a mixture-of-experts model that can return its router
+    logits (Qwen3-MoE, gpt-oss, Mixtral), else nothing. A config that asks for them (kept from
+    training with the load-balancing loss) makes every forward compute that loss, which reads the
+    attention mask as 2D padding over the whole sequence: it fails on a tree step's 4D mask and,
+    in transformers' own batched ``generate``, on every step after the prefill. Decoding and
+    self-distillation read neither the router logits nor the loss."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"output_router_logits": False} if "output_router_logits" in params else {}
+
+
 def keep_positions(cache, start: int, indices) -> None:
     """Keep the first ``start`` positions and, after them, the positions ``start + i`` for ``i`` in
     ``indices`` (ascending), moved into consecutive positions; drop everything else.

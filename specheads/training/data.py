@@ -308,6 +308,8 @@ def _pad_id(verifier) -> int:
 
 def _generate_batch(verifier, batch: list[list[int]], gen_config, pad_id: int, seed: int | None) -> list[list[int]]:
     """Answer ids for each prompt in ``batch`` (left-padded), cut after the first eos."""
+    from ..decoding.kv_cache import no_router_outputs
+
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -319,8 +321,10 @@ def _generate_batch(verifier, batch: list[list[int]], gen_config, pad_id: int, s
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         if seed is not None:
             torch.manual_seed(seed)
+        # A MoE config asking for router logits breaks batched generate (kv_cache.no_router_outputs).
         out = verifier.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=gen_config,
+            **no_router_outputs(verifier.model),
         )
     if hasattr(out, "sequences"):
         out = out.sequences
@@ -359,11 +363,18 @@ class _Generation:
     # (FeatureStore, aux layer ids, max_length): store each conversation's features as it is
     # generated (training.features), cut to the length training will read
     capture: tuple | None = None
+    engine: Any = None  # the answer engine (answer_engines), built once there is something to answer
 
     def __post_init__(self):
         self.max_context = self.verifier.max_context
         self.pad_id = _pad_id(self.verifier)
         self.config = _generation_config(self.verifier, self.max_new_tokens, self.temperature, self.top_p, self.pad_id)
+
+    def use(self, engine) -> None:
+        """Answer with ``engine``; its own context limit (a server's max_model_len) counts too."""
+        self.engine = engine
+        if engine.max_context is not None:
+            self.max_context = min(self.max_context or engine.max_context, engine.max_context)
 
     @property
     def settings(self) -> dict:
@@ -541,18 +552,22 @@ def _my_shards(todo: list, shard_size: int, stored: list[dict], procs: _Processe
 
 def _answer_shard(gen: _Generation, chunk: list, stats: dict, bar) -> list[dict]:
     """The records of one shard's prompts, in input order; prompts that leave no room for
-    ``max_new_tokens`` in the verifier's context are counted and skipped.
+    ``max_new_tokens`` in the verifier's context (or the engine's) are counted and skipped.
 
     A ``{"user_turns": [...]}`` prompt is answered turn by turn, on policy: round r asks its r-th
     user turn after the verifier's own earlier answers, and its record is the whole conversation
-    (the answers of every round are trained on). Rounds batch the conversations that reach them."""
+    (the answers of every round are trained on). Each round's prompts go to the answer engine
+    together (``gen.engine``: batches of ``hf``, or requests in flight on a server)."""
+    from .answer_engines import Request
+
     scripts = [p["user_turns"] if isinstance(p, dict) else None for _, p in chunk]
     history: list[list[dict]] = [[] for _ in chunk]  # the turns answered so far
     done: dict[int, tuple[list[int], list[int], int]] = {}  # prompt -> (last prompt ids, answer, first prompt length)
     first_len: dict[int, int] = {}
     active = list(range(len(chunk)))
+    shown = 0
     for r in range(max(len(t) for t in scripts if t) if any(scripts) else 1):
-        encoded, final = [], []
+        encoded, requests = [], []
         for i in active:
             pid, p = chunk[i]
             if scripts[i] is not None:
@@ -564,29 +579,32 @@ def _answer_shard(gen: _Generation, chunk: list, stats: dict, bar) -> list[dict]
                 continue
             first_len.setdefault(i, len(ids))
             encoded.append((i, _Prompt(pid, p, ids)))
-            final.append(scripts[i] is None or r + 1 == len(scripts[i]))
-        # Longest first, so batches pad little and the largest batch runs first.
-        order = sorted(range(len(encoded)), key=lambda j: -len(encoded[j][1].ids))
-        for b in range(0, len(order), gen.batch_size):
-            rows = order[b: b + gen.batch_size]
-            t0 = time.perf_counter()
-            out = _answer_batch(gen, [encoded[j][1] for j in rows], [final[j] for j in rows])
-            stats["generate_seconds"] += time.perf_counter() - t0
-            for j, ans in zip(rows, out):
-                i, item = encoded[j]
-                done[i] = (item.ids, ans, first_len[i])
-                stats["generated_tokens"] += len(ans)
-                if scripts[i] is not None:
-                    history[i] = item.prompt + [{"role": "assistant", "content": gen.verifier.decode(ans)}]
+            requests.append(Request(pid, r, ids, scripts[i] is None or r + 1 == len(scripts[i])))
+
+        def answered(j: int) -> None:
+            nonlocal shown
+            if requests[j].final:
+                bar.update(1)
+                shown += 1
+
+        t0 = time.perf_counter()
+        answers = gen.engine.answer(requests, answered)
+        stats["generate_seconds"] += time.perf_counter() - t0
+        for (i, item), ans in zip(encoded, answers):
+            done[i] = (item.ids, ans, first_len[i])
+            stats["generated_tokens"] += len(ans)
+            if scripts[i] is not None:
+                history[i] = item.prompt + [{"role": "assistant", "content": gen.verifier.decode(ans)}]
         active = [i for i, _ in encoded if scripts[i] is not None and r + 1 < len(scripts[i])]
-    bar.update(len(chunk))
+    bar.update(len(chunk) - shown)  # the prompts skipped as too long
     return [_record(gen.verifier, chunk[i], history[i], *done[i]) for i in range(len(chunk)) if i in done]
 
 
-def _answer_batch(gen: _Generation, batch: list[_Prompt], final: list[bool] | None = None) -> list[list[int]]:
-    """The verifier's answer ids to one batch of prompts. Sampling is seeded by the batch's prompts,
-    so a resumed or differently split run draws the same answers. With ``gen.capture`` the
-    generation's own forwards also give every conversation's features, which are stored."""
+def _answer_batch(gen: _Generation, batch: list) -> list[list[int]]:
+    """The verifier's answer ids to one batch of ``answer_engines.Request`` (engine ``hf``).
+    Sampling is seeded by the batch's prompts, so a resumed or differently split run draws the
+    same answers. With ``gen.capture`` the generation's own forwards also give every
+    conversation's features, which are stored (for its last turn: earlier turns' are part of it)."""
     seed = _batch_seed(gen.seed, [item.pid for item in batch]) if gen.temperature > 0 else None
     prompts = [item.ids for item in batch]
     _check_batch_memory(gen, prompts)
@@ -599,9 +617,8 @@ def _answer_batch(gen: _Generation, batch: list[_Prompt], final: list[bool] | No
         return answers
     store, _, max_length = gen.capture
     rows = features_from_generation(cap, max(map(len, prompts)), [len(p) for p in prompts], answers, max_length)
-    final = final or [True] * len(batch)
     store.put([(tokens_key((p + a)[: len(aux)]), aux, last, argmax)
-               for p, a, (aux, last, argmax), keep in zip(prompts, answers, rows, final) if keep])
+               for p, a, (aux, last, argmax), item in zip(prompts, answers, rows, batch) if item.final])
     return answers
 
 
