@@ -7,9 +7,11 @@ Both sources give one record per conversation with
   it (the assistant's answer); the prompt is context only.
 
 **Self-distillation** (``generate_self_distillation``) lets the verifier answer prompts itself, so a
-drafter learns the verifier's own distribution rather than another model's. Answers are generated
-in batches through ``model.generate`` with the KV cache, left padding and an attention mask, and
-stored under ``output_dir``::
+drafter learns the verifier's own distribution rather than another model's. An answer engine
+(``training.answer_engines``) writes the answers: by default (``hf``) batches through
+``model.generate`` with the KV cache, left padding and an attention mask; or an OpenAI-compatible
+server (``openai``: ``vllm serve``, SGLang) or ``vllm.LLM`` (``vllm``), given the same chat-templated
+token ids and returning answers in the same form. They are stored under ``output_dir``::
 
     output_dir/
       manifest.json          verifier name + fingerprint, generation settings, shard list, count
@@ -19,7 +21,8 @@ stored under ``output_dir``::
 A run is resumable and appendable: prompts whose ``prompt_id`` (sha1 of the prompt) is already in
 a shard are skipped, so an interrupted run redoes at most its unfinished shard, and a run with new
 prompts adds shards. A directory made by another verifier or with other generation settings is
-refused. Only one run may write to an ``output_dir`` at a time; one run may span several
+refused; one written by another engine is not (the manifest records which engine wrote each
+shard). Only one run may write to an ``output_dir`` at a time; one run may span several
 processes (``accelerator``, e.g. under ``accelerate launch``): the run's shards are named before
 any is written and shard ``c`` goes to process ``c mod N``, so the folder holds the same records
 whatever N is, and N processes generate about N times as fast.
@@ -416,6 +419,8 @@ def generate_self_distillation(
     progress: bool = True,
     accelerator=None,
     capture: tuple | None = None,
+    engine: str = "hf",
+    engine_options=None,
 ):
     """Let the verifier answer ``prompts`` and store the conversations under ``output_dir``.
 
@@ -425,14 +430,27 @@ def generate_self_distillation(
     ``messages`` (the prompt's turns plus the assistant's answer), ``input_ids`` (the encoded
     prompt followed by the answer ids, ending with eos when one was produced) and
     ``prompt_length``. Greedy when ``temperature`` is 0; otherwise sampled with temperature and
-    top-p, seeded per batch from ``seed``. Every process of ``accelerator`` must call this with the
-    same arguments; each answers its share of the shards, and all return the whole folder.
+    top-p, seeded per batch (``hf``) or per request (other engines) from ``seed``. Every process of
+    ``accelerator`` must call this with the same arguments; each answers its share of the shards,
+    and all return the whole folder.
     ``capture``: ``(FeatureStore, aux_layer_ids, max_length)`` to store the verifier's features of
-    each new conversation from the generation pass itself (EAGLE-3 training reads them).
+    each new conversation from the generation pass itself (EAGLE-3 training reads them; ``hf`` only).
+    ``engine``: who writes the answers, ``hf`` (``model.generate`` here), ``openai`` (OpenAI-compatible
+    servers) or ``vllm`` (``vllm.LLM`` here), with ``engine_options`` (``answer_engines.EngineOptions``);
+    the records have the same form whichever wrote them, and a folder may be resumed with another.
     """
     from tqdm.auto import tqdm
 
+    from .answer_engines import build_engine, check_options
+
     _check_settings(max_new_tokens, temperature, top_p, batch_size, shard_size, seed)
+    if engine_options is not None or engine != "hf":
+        from .answer_engines import EngineOptions
+
+        check_options(engine, engine_options or EngineOptions())
+    if capture is not None and engine != "hf":
+        raise SpecHeadsError(f"features can be captured during generation with engine hf only, not {engine}: "
+                             f"leave capture out (training computes them in its first epoch)")
     if verifier.tokenizer is None:
         raise SpecHeadsError(f"verifier '{verifier.name}' has no tokenizer: self-distillation needs one to encode prompts")
     prompts = _read_prompts(prompts)
@@ -455,8 +473,12 @@ def generate_self_distillation(
     mine = _my_shards(todo, shard_size, stored, procs)
     stats = {"prompts": 0, "generated_tokens": 0, "generate_seconds": 0.0, "too_long": 0, "shards": []}
     started = time.perf_counter()
+    show = progress and procs.is_main
+    if mine:  # an engine (a server check, a vLLM start) only when there is something to answer
+        say = (lambda msg: print(f"[specheads] {msg}", file=sys.stderr, flush=True)) if show else None
+        gen.use(build_engine(engine, gen, engine_options, say=say))
     desc = "self-distillation" if procs.world == 1 else f"self-distillation (process 0 of {procs.world})"
-    bar = tqdm(total=sum(len(chunk) for _, chunk in mine), disable=not (progress and procs.is_main), unit="prompt", desc=desc)
+    bar = tqdm(total=sum(len(chunk) for _, chunk in mine), disable=not show, unit="prompt", desc=desc)
     try:
         for name, chunk in mine:
             records = _answer_shard(gen, chunk, stats, bar)
@@ -464,19 +486,23 @@ def generate_self_distillation(
                 continue
             _write_shard(output_dir / SHARDS, name, records)
             stats["prompts"] += len(records)
-            stats["shards"].append({"name": name, "count": len(records)})
+            stats["shards"].append({"name": name, "count": len(records), "engine": engine})
             if procs.world == 1:  # keeps the manifest current during a long run; with several writers the main process lists all at the end
                 manifest["shards"].append(stats["shards"][-1])
                 manifest["count"] += len(records)
                 write_json_atomic(output_dir / MANIFEST, manifest)
     finally:
         bar.close()
+        if gen.engine is not None:
+            gen.engine.close()
     stats["wall_seconds"] = time.perf_counter() - started
+    stats["engine"] = gen.engine.stats() if gen.engine is not None else {"engine": engine}
     stats = _gather_stats(stats, procs)
     if procs.is_main:
         _close_manifest(output_dir, manifest, stored, stats, skipped, gen, procs.world)
     procs.barrier()  # the manifest is complete before any process reads the folder back
-    _report(stats, manifest, skipped, gen.max_context, output_dir, show=progress and procs.is_main)
+    summary = gen.engine.summary() if gen.engine is not None else ""
+    _report(stats, manifest, skipped, gen.max_context, output_dir, show=show, engine=summary)
     return load_self_distilled(output_dir)
 
 
@@ -520,10 +546,11 @@ def _list_stored(output_dir: Path, manifest: dict, warn: bool) -> set[str]:
     """The prompt ids already stored. The shard folders are the truth: the manifest's list is set to them."""
     done: set[str] = set()
     shards = []
+    engines = {s["name"]: s["engine"] for s in manifest.get("shards", []) if "engine" in s}
     for path in _shard_dirs(output_dir):
         ids = _load_shard(path)["prompt_id"]
         done.update(ids)
-        shards.append({"name": path.name, "count": len(ids)})
+        shards.append({"name": path.name, "count": len(ids), **({"engine": engines[path.name]} if path.name in engines else {})})
     missing = {s["name"] for s in manifest.get("shards", [])} - {s["name"] for s in shards}
     if missing and warn:
         logger.warning("shards listed in %s but missing on disk (their prompts are redone): %s", output_dir / MANIFEST, sorted(missing))
@@ -713,6 +740,12 @@ def _gather_stats(stats: dict, procs: _Processes) -> dict:
     total["shards"] = [shard for s in every for shard in s["shards"]]
     total["generate_seconds"] = max(s["generate_seconds"] for s in every)
     total["wall_seconds"] = max(s["wall_seconds"] for s in every)
+    total["engine"] = dict(every[0]["engine"])
+    counts = [s["engine"]["token_ids"] for s in every if "token_ids" in s["engine"]]
+    if counts:
+        total["engine"]["token_ids"] = {k: sum(c[k] for c in counts) for k in counts[0]}
+    if "retries" in total["engine"]:
+        total["engine"]["retries"] = sum(s["engine"].get("retries", 0) for s in every)
     procs.barrier()
     return total
 
@@ -727,21 +760,27 @@ def _close_manifest(output_dir: Path, manifest: dict, stored: list[dict], stats:
         shards = sorted(stored + stats["shards"], key=lambda s: s["name"])
         manifest["shards"], manifest["count"] = shards, sum(s["count"] for s in shards)
     verifier = gen.verifier
-    manifest.setdefault("runs", []).append({
+    run = {
         "prompts": stats["prompts"], "skipped_already_stored": skipped, "skipped_too_long": stats["too_long"],
         "generated_tokens": stats["generated_tokens"], "generate_seconds": round(stats["generate_seconds"], 3),
-        "tokens_per_s": round(_tokens_per_s(stats), 2), "wall_seconds": round(stats["wall_seconds"], 3), "batch_size": gen.batch_size,
-        "num_processes": world, "dtype": str(verifier.dtype).replace("torch.", ""), "device": str(verifier.device),
-    })
+        "tokens_per_s": round(_tokens_per_s(stats), 2), "wall_seconds": round(stats["wall_seconds"], 3), "num_processes": world,
+    }
+    engine = stats["engine"]
+    if engine["engine"] == "hf":  # the verifier here wrote the answers
+        run.update(engine="hf", batch_size=gen.batch_size, dtype=str(verifier.dtype).replace("torch.", ""), device=str(verifier.device))
+    else:  # a server or vLLM did; the verifier here only encoded and decoded
+        run.update(engine)
+    manifest.setdefault("runs", []).append(run)
     write_json_atomic(output_dir / MANIFEST, manifest)
 
 
-def _report(stats: dict, manifest: dict, skipped: int, max_context, output_dir: Path, show: bool) -> None:
+def _report(stats: dict, manifest: dict, skipped: int, max_context, output_dir: Path, show: bool, engine: str = "") -> None:
     message = (
         f"self-distillation: {stats['prompts']} prompts answered ({skipped} already stored"
         + (f", {stats['too_long']} skipped: prompt + max_new_tokens > context {max_context}" if stats["too_long"] else "")
-        + f"), {stats['generated_tokens']} tokens in {stats['generate_seconds']:.1f} s = {_tokens_per_s(stats):.1f} tokens/s; "
-        f"{manifest['count']} records in {output_dir}"
+        + f"), {stats['generated_tokens']} tokens in {stats['generate_seconds']:.1f} s = {_tokens_per_s(stats):.1f} tokens/s"
+        + (f" (engine {stats['engine']['engine']}{engine})" if stats["engine"]["engine"] != "hf" else "")
+        + f"; {manifest['count']} records in {output_dir}"
     )
     logger.info(message)
     if show:
