@@ -248,7 +248,6 @@ def plan(config, *, verifier: str, drafter_kind: str = "eagle3", draft_vocab_siz
             "activations_teacher": teacher / GIB,
             "activations_drafter": d_act / GIB,
             "activations_drafter_scores": ttt_steps * scores / GIB,
-            "activations_drafter_checkpointed": (per_step + ttt_steps * L * c.hidden * 4) / GIB,
         }
         row["total_whole_ddp"] = row["verifier_whole"] + row["drafter_state_replicated"] + row["activations_verifier"] + row["activations_teacher"] + row["activations_drafter"]
         row["total_sharded"] = row["verifier_sharded"] + row["drafter_state_sharded"] + row["activations_verifier"] + row["activations_teacher"] + row["activations_drafter"]
@@ -267,15 +266,15 @@ def plan(config, *, verifier: str, drafter_kind: str = "eagle3", draft_vocab_siz
         p.tokens_per_gpu_hour[L] = {"online": rate / p.flops_per_token[L]["online"], "offline": rate / p.flops_per_token[L]["offline"]}
     p.feature_bytes_per_token = (n_aux + 1) * c.hidden * bf16 + 8
     # Regeneration: a decode step of B sequences reads the active weights once and B KV caches of
-    # mean length (prompt + answer / 2); tokens/s per GPU with the weights on one GPU (tensor
-    # parallelism divides both the bytes and the GPUs, so per-GPU throughput is about the same).
+    # mean length (prompt + answer / 2). Tensor parallelism over n GPUs divides the bytes each GPU
+    # reads by n and the step time with them, so tokens/s per GPU is B / (one-GPU step time).
     mean_len = 256 + answer_tokens / 2
     kv_per_token = 2 * c.layers * c.kv_heads * c.head_dim * bf16
     step_bytes = c.active * bf16 + decode_batch * mean_len * kv_per_token
     step_s = step_bytes / (hw.hbm_tbps * 1e12 * hw.hbm_efficiency)
     gpus_to_hold = max(1, math.ceil(c.total * bf16 / (hw.memory_gib * GIB * 0.6)))
     p.regeneration = {"decode_batch": decode_batch, "kv_bytes_per_token": kv_per_token,
-                      "tokens_per_s_per_gpu": decode_batch / step_s / gpus_to_hold,
+                      "tokens_per_s_per_gpu": decode_batch / step_s,
                       "tensor_parallel_min": gpus_to_hold, "answer_tokens": answer_tokens}
     return p
 
