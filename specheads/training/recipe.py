@@ -72,15 +72,37 @@ class DrafterSection:
 class SelfDistillSection:
     # "default" = the offline training prompt source; "sharegpt" / "sharegpt:PATH" = ShareGPT V3's
     # first user turns (in an order fixed by training.seed); or a prompt source as in `specheads bench`
-    prompts: str = "default"
+    # (a hub dataset `name[:split]`, a saved dataset, a jsonl file); or a list of these, mixed in equal
+    # shares in an order fixed by training.seed (e.g. [sharegpt, HuggingFaceH4/ultrachat_200k])
+    prompts: str | list[str] = "default"
     num_prompts: int | None = 256
-    # sharegpt prompts: answer each conversation's first `turns` user turns one after the other, each
-    # after the verifier's own earlier answers (on-policy multi-turn data; MT-Bench's second turns are like these)
+    # answer each conversation's first `turns` user turns one after the other (ShareGPT, and datasets
+    # with `messages` such as UltraChat), each after the verifier's own earlier answers (on-policy
+    # multi-turn data; MT-Bench's second turns are like these)
     turns: int = 1
     max_new_tokens: int = 256
     temperature: float = 0.0
     batch_size: int = 8
     output_dir: str = "runs/data/self_distilled"
+    # Who writes the answers (training.answer_engines): hf = generate in the training process (the only
+    # engine that stores EAGLE-3 features while it generates; others leave them to the first epoch);
+    # openai = OpenAI-compatible servers (`vllm serve`, SGLang) at `endpoints`; vllm = vllm.LLM in this process
+    engine: str = "hf"
+    endpoints: list[str] | None = None  # openai: base URLs, http://host:port/v1
+    concurrency: int = 32  # openai: requests in flight over all endpoints
+    request_timeout: float = 600.0  # openai: seconds per request
+    max_retries: int = 5  # openai: tries after a failed request (backoff 1, 2, 4, ... s), then the run stops
+    api_key_env: str | None = None  # openai: the environment variable holding the API key (never the key itself)
+    served_model: str | None = None  # openai: the name the endpoints serve the verifier under, when not its own
+    vllm_args: dict | None = None  # vllm: extra vllm.LLM arguments (tensor_parallel_size, gpu_memory_utilization, ...)
+
+    def engine_options(self):
+        """The engine settings as ``answer_engines.EngineOptions``."""
+        from .answer_engines import EngineOptions
+
+        return EngineOptions(endpoints=self.endpoints, concurrency=self.concurrency,
+                             request_timeout=self.request_timeout, max_retries=self.max_retries,
+                             api_key_env=self.api_key_env, served_model=self.served_model, vllm_args=dict(self.vllm_args or {}))
 
 
 class _UnsetSelfDistill(SelfDistillSection):
@@ -232,6 +254,7 @@ class Recipe:
                 ("data.self_distill.num_prompts", s.num_prompts, s.num_prompts is None or s.num_prompts >= 2),
                 ("data.self_distill.turns", s.turns, isinstance(s.turns, int) and 1 <= s.turns <= 16),
             ]
+            _check_self_distill_sources(s)
         if t.lora is not None:
             checks += [
                 ("training.lora.r", t.lora.r, t.lora.r >= 1),
@@ -259,7 +282,8 @@ class Recipe:
         d = self.data
         if d.num_conversations is not None and not d.conversations:
             raise SpecHeadsError(f"recipe value data.num_conversations={d.num_conversations!r} needs data.conversations")
-        for source in (d.conversations, d.self_distill.prompts if d.self_distill is not None else None):
+        prompts = d.self_distill.prompts if d.self_distill is not None else None
+        for source in [d.conversations] + (prompts if isinstance(prompts, list) else [prompts]):
             if is_sharegpt_source(source):
                 sharegpt_path(source_path(source))
 
@@ -290,6 +314,24 @@ OWNED_SETTINGS: dict[str, tuple[str, ...]] = {
     "training.lora": ("medusa",),
     **{f"objective.{k}": ("draft_model",) for k in _DISTILL_ONLY},
 }
+
+
+def _check_self_distill_sources(s: SelfDistillSection) -> None:
+    """Prompt sources and the answer engine's settings (unknown engine, no or malformed endpoints,
+    concurrency < 1, settings of another engine), refused naming key and value; endpoints normalised."""
+    from .answer_engines import check_options
+
+    prompts = s.prompts
+    if isinstance(prompts, list):
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise SpecHeadsError(f"recipe value data.self_distill.prompts={prompts!r} must be a prompt source or a non-empty list of them")
+        if len(set(prompts)) != len(prompts):
+            raise SpecHeadsError(f"recipe value data.self_distill.prompts={prompts!r} names a source twice")
+    elif not isinstance(prompts, str) or not prompts.strip():
+        raise SpecHeadsError(f"recipe value data.self_distill.prompts={prompts!r} must be a prompt source or a non-empty list of them")
+    urls = check_options(s.engine, s.engine_options())
+    if urls or s.endpoints is not None:
+        s.endpoints = urls
 
 
 def _student_checks(st: "StudentSection") -> list[tuple[str, Any, bool]]:
