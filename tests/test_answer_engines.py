@@ -274,3 +274,30 @@ def test_api_key_comes_from_the_named_environment_variable(verifier, tmp_path, m
         run(verifier, tmp_path / "b", "openai", prompts=PROMPTS[:1], engine_options=openai(server, api_key_env="SPECHEADS_TEST_KEY"))
         assert server.authorization == "Bearer secret"
     assert "secret" not in (tmp_path / "b" / "manifest.json").read_text()
+
+
+def test_eagle3_recipe_on_an_openai_engine_trains_with_features_computed_in_the_first_epoch(verifier, tmp_path, capsys):
+    """Features are captured during generation by engine hf only; with another engine the
+    recipe still trains, and its first epoch computes and stores the features of every
+    conversation the server wrote (later epochs read them)."""
+    from specheads.training.features import FeatureStore, tokens_key
+    from specheads.training.loop import train
+
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS if isinstance(p, str))
+                      + "".join(json.dumps({"prompt": f"say {w} twice."}) + "\n" for w in ("yes", "no", "maybe", "rain")))
+    with FakeOpenAIServer(verifier, model_id=verifier.name) as server:
+        recipe = load_recipe(None, [
+            f"training.output_dir={tmp_path / 'run'}", "drafter.kind=eagle3", "drafter.aux_layer_ids=[1, 2, 2]",
+            "objective.ttt_steps=2", "training.batch_size=2", "training.max_steps=8", "training.eval_every=8",
+            "training.save_every=8", "training.cache_hidden_states=true", "training.dtype=float32", "data.eval_fraction=0.25",
+            f"data.self_distill.output_dir={tmp_path / 'sd'}", f"data.self_distill.prompts={source}",
+            "data.self_distill.max_new_tokens=8", "data.self_distill.engine=openai", f"data.self_distill.endpoints=[{server.url}]",
+        ])
+        train(recipe, verifier=verifier, progress=False)
+    assert "engine=openai does not capture the verifier's features while it generates: the first training epoch computes them" \
+        in capsys.readouterr().out
+    assert (tmp_path / "run" / "drafter" / "model.safetensors").is_file()
+    store = FeatureStore(recipe.training.hidden_cache_path(), verifier, [1, 2, 2])
+    records = load_self_distilled(tmp_path / "sd")
+    assert len(records) == 8 and all(store.has(tokens_key(ids)) for ids in records["input_ids"])
