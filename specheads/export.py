@@ -137,16 +137,17 @@ class _VerifierRef:
         return str(local.resolve()) if local.is_dir() else name
 
     def architectures(self, served: str) -> list[str]:
-        """The verifier's ``architectures``: from the loaded verifier, else its local config.json;
-        empty for a hub id that is not here (nothing is downloaded to look it up)."""
-        if self._given is not None and not isinstance(self._given, str):
-            return list(getattr(self._given.config, "architectures", None) or [])
+        """The ``architectures`` of the verifier the engine loads: from its local config.json, else
+        from the given loaded verifier; empty for a hub id that is not here (nothing is downloaded
+        to look it up)."""
         config = Path(served) / CONFIG
         if config.is_file():
             try:
                 return list(json.loads(config.read_text()).get("architectures") or [])
-            except (OSError, json.JSONDecodeError) as exc:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
                 raise SpecHeadsError(f"verifier config {config} is corrupt: {exc}") from exc
+        if self._given is not None and not isinstance(self._given, str):
+            return list(getattr(self._given.config, "architectures", None) or [])
         return []
 
 

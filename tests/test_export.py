@@ -1,15 +1,21 @@
-"""`specheads export --format vllm`: the folders vLLM's loaders take, exact round trips, refusals.
+"""`specheads export --format vllm|sglang|speculators`: the folders the engines' loaders take,
+exact round trips, refusals.
 
-vLLM itself is not needed here (scripts/vllm_interop.sh checks the folders against the real
-engine); these tests pin the layout its loaders read: vLLM's Medusa config renames keys containing
-"num" + "heads"/"layers", reads the block bias only with ``medusa_fc_bias``, a shared head only
-with ``original_lm_head`` as ``lm_heads.0.weight``, and builds own heads over the full vocabulary.
+Neither engine is needed here (scripts/vllm_interop.sh checks the folders against the real vLLM;
+one test reads them with vLLM's config code where its venv is here): these tests pin the layout
+the loaders read, SGLang's from its source (cited below). vLLM's Medusa config renames keys
+containing "num" + "heads"/"layers", reads the block bias only with ``medusa_fc_bias``, a shared
+head only with ``original_lm_head`` as ``lm_heads.0.weight``, and builds own heads over the full
+vocabulary.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +24,7 @@ from safetensors.torch import load_file
 from specheads.cli import main as cli_main
 from specheads.drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
 from specheads.errors import SpecHeadsError
-from specheads.export import VLLM_EXPORTERS, check_vllm_medusa_config, export_vllm
+from specheads.export import VLLM_EXPORTERS, check_vllm_medusa_config, export_drafter, export_vllm
 
 from conftest import cached_verifier, make_model
 
@@ -342,24 +348,27 @@ def _rms(x, w, eps):
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def vllm_eagle3_forward(config, tensors, embed, hidden_states, input_ids):
+def vllm_eagle3_forward(config, tensors, embed, hidden_states, input_ids, *, capture=None, first_layer="midlayer"):
     """vLLM's Eagle3LlamaForCausalLM over one sequence: row t reads the target's features at t
-    and the token input_ids[t]; returns (target-vocabulary logits [T, V], pre-norm output [T, H])."""
+    and the token input_ids[t]; returns (target-vocabulary logits [T, V], pre-norm output [T, H]).
+    ``capture``: the residual streams the target hands over (default: the config's eagle_config
+    ids); ``first_layer``: the first layer's weight prefix (vLLM renames midlayer to layers.0).
+    SGLang's one-layer LlamaForCausalLMEagle3 computes the same."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
     eps, H = config["rms_norm_eps"], config["hidden_size"]
-    layer_ids = config["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
+    layer_ids = config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] if capture is None else capture
     captured = [hidden_states[k] for k in range(len(hidden_states)) if k in layer_ids]  # layer order
     h = torch.cat(captured, -1) @ tensors["fc.weight"].T
     T = h.shape[0]
     embeds = embed(input_ids)
-    llama = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "eagle_config")})
+    llama = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "eagle_config", "rope_scaling")})
     cos, sin = LlamaRotaryEmbedding(llama)(h[None], torch.arange(T)[None])
     heads, kv, d = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     residual = None
     for li in range(config["num_hidden_layers"]):
-        w = lambda n: tensors[("midlayer." if li == 0 else f"layers.{li}.") + n]  # noqa: E731 (vLLM renames midlayer -> layers.0)
+        w = lambda n: tensors[(f"{first_layer}." if li == 0 else f"layers.{li}.") + n]  # noqa: E731
         if li == 0:
             residual = h
             x = torch.cat([_rms(embeds, w("input_layernorm.weight"), eps), _rms(h, w("hidden_norm.weight"), eps)], -1)
@@ -494,3 +503,315 @@ def test_eagle3_unknown_option_and_other_verifier_are_refused(tmp_path):
     with pytest.raises(SpecHeadsError, match="norm_before_fc"):
         export_vllm(tmp_path / "ckpt", tmp_path / "vllm")
     assert not (tmp_path / "vllm").exists()
+
+
+# -- EAGLE-3 for SGLang (--format sglang) --------------------------------------------------------
+# What SGLang's loader reads, from python/sglang/srt/models/llama_eagle3.py (LlamaForCausalLMEagle3;
+# sgl-project/sglang 03d5a7771f6082e7737a5f19cae7d1e863087013 and d737979cbd17c6162f39c1953cfa72d3d23cc0d0),
+# its base python/sglang/srt/models/llama.py (LlamaDecoderLayer, LlamaAttention) and
+# model_executor/model_runner.py (eagle_config): each key with the value a specheads drafter needs
+# (None: its value is the drafter's), so that no SGLang default decides it.
+SGLANG_CONFIG_READS = {
+    "architectures": ["LlamaForCausalLMEagle3"],
+    "model_type": "llama",  # SGLang checks model_type == "llama4_text"
+    "num_hidden_layers": 1,  # "EAGLE3 currently only supports 1 layer"
+    "tie_word_embeddings": False,  # true: the embedding would be the LM head
+    "draft_vocab_size": None,  # None: the target's head would be borrowed
+    "target_hidden_size": None,  # fc = Linear(3 * target_hidden_size, hidden_size, bias=config.bias)
+    "bias": False,
+    "attention_bias": False,
+    "hidden_act": "silu",  # the only activation LlamaMLP takes
+    "hidden_size": None, "intermediate_size": None, "num_attention_heads": None, "num_key_value_heads": None,
+    "head_dim": None, "rms_norm_eps": None, "vocab_size": None, "max_position_embeddings": None,  # default 8192
+    "rope_theta": None, "rope_scaling": None, "rope_is_neox_style": True, "partial_rotary_factor": 1.0,
+    "eagle_config": None,  # eagle_aux_hidden_state_layer_ids, use_aux_hidden_state
+}
+SGLANG_LAYER_WEIGHTS = ("input_layernorm", "hidden_norm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                        "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def sglang_capture(layer_ids: list[int], *, before_pr_25454: bool) -> list[int]:
+    """The target layers SGLang's LlamaForCausalLM.set_eagle3_layers_to_capture captures (the
+    residual stream entering layer i, transformers' hidden_states[i]) for eagle_config's ids:
+    +1 always before sgl-project/sglang PR #25454, since then only when the first id is 1."""
+    if before_pr_25454 or layer_ids[0] == 1:
+        return sorted(i + 1 for i in layer_ids)
+    return sorted(layer_ids)
+
+
+@functools.lru_cache(maxsize=None)
+def llama6():
+    """A 6-layer tiny Llama: room for three aux layers without layer 2."""
+    from specheads.verifier import Verifier
+
+    return Verifier(model=make_model("llama", seed=6, layers=6), tokenizer=None, name="tiny-llama-6layers")
+
+
+def target_states(verifier, ids):
+    with torch.no_grad():
+        return [h[0] for h in verifier.model(input_ids=ids[None], output_hidden_states=True).hidden_states]
+
+
+@pytest.mark.parametrize("verifier_fn, aux, draft_vocab", [
+    (deep_llama, [3, 1, 2], 40),  # ids out of order, a draft vocabulary (d2t)
+    (llama6, [5, 2, 3], None),  # the full vocabulary (no d2t)
+])
+def test_eagle3_sglang_folder_is_what_sglang_reads(tmp_path, verifier_fn, aux, draft_vocab):
+    from specheads.drafters.eagle3 import save_eagle3
+
+    verifier = verifier_fn()
+    model = eagle3_model(verifier, aux=aux, draft_vocab=draft_vocab)
+    save_eagle3(tmp_path / "ckpt", model, verifier)
+    export = export_drafter(tmp_path / "ckpt", tmp_path / "sglang", format="sglang", verifier=verifier)
+    assert (export.format, export.method) == ("sglang", "eagle3")
+    config, tensors = exported(tmp_path / "sglang")
+    V, Vd, cfg = verifier.vocab_size, draft_vocab or verifier.vocab_size, model.config
+    missing = sorted(set(SGLANG_CONFIG_READS) - set(config))
+    assert not missing, f"SGLang would default {missing}"
+    for key, value in SGLANG_CONFIG_READS.items():
+        if value is not None:
+            assert config[key] == value, key
+    assert (config["vocab_size"], config["draft_vocab_size"], config["target_hidden_size"], config["hidden_size"]) == (V, Vd, H, H)
+    assert (config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]) == (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads)
+    assert config["rope_theta"] == cfg.rope_parameters["rope_theta"] and config["rope_scaling"] is None  # default rope
+    assert config["eagle_config"]["use_aux_hidden_state"] is True
+    # every SGLang version captures the layers the drafter was trained on; vLLM reads the top-level ids first
+    for old in (True, False):
+        assert sglang_capture(config["eagle_config"]["eagle_aux_hidden_state_layer_ids"], before_pr_25454=old) == sorted(aux)
+    assert config["eagle_aux_hidden_state_layer_ids"] == sorted(aux)
+    # weights: midlayer.*, fc, norm, a present lm_head (SGLang leaves a missing one random), d2t for a draft vocabulary
+    expected = {"fc.weight", "norm.weight", "lm_head.weight"} | {f"midlayer.{n}.weight" for n in SGLANG_LAYER_WEIGHTS}
+    if draft_vocab:
+        expected |= {"d2t", "t2d"}
+    assert set(tensors) == expected and not any("embed_tokens" in k for k in tensors)
+    hd, I = cfg.head_dim, cfg.intermediate_size
+    shapes = {"fc.weight": (H, 3 * config["target_hidden_size"]), "lm_head.weight": (Vd, H), "norm.weight": (H,),
+              "midlayer.self_attn.q_proj.weight": (cfg.num_attention_heads * hd, 2 * H),
+              "midlayer.self_attn.k_proj.weight": (cfg.num_key_value_heads * hd, 2 * H),
+              "midlayer.self_attn.v_proj.weight": (cfg.num_key_value_heads * hd, 2 * H),
+              "midlayer.self_attn.o_proj.weight": (H, cfg.num_attention_heads * hd),
+              "midlayer.mlp.gate_proj.weight": (I, H), "midlayer.mlp.up_proj.weight": (I, H), "midlayer.mlp.down_proj.weight": (H, I)}
+    assert {k: tuple(tensors[k].shape) for k in shapes} == shapes
+    if draft_vocab:
+        hot = torch.arange(Vd) + tensors["d2t"]  # SGLang's hot_token_id
+        assert tensors["d2t"].dtype == torch.int64 and hot.unique().numel() == Vd and 0 <= int(hot.min()) and int(hot.max()) < V
+    # the numbers SGLang computes from the folder (its capture, its one layer) == specheads' drafter
+    ids = torch.tensor([5, 9, 13, 7, 30, 22, 11, 40, 3])
+    hs = target_states(verifier, ids)
+    with torch.no_grad():
+        ours_logits, ours_pre = specheads_eagle3_forward(model, verifier, ids, hs)
+        capture = sglang_capture(config["eagle_config"]["eagle_aux_hidden_state_layer_ids"], before_pr_25454=False)
+        theirs_logits, theirs_pre = vllm_eagle3_forward(config, tensors, verifier.model.get_input_embeddings(), hs, ids, capture=capture)
+    torch.testing.assert_close(theirs_pre, ours_pre, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs_logits, ours_logits, rtol=1e-5, atol=1e-5)
+    # and the folder is the vllm format's, tensor for tensor
+    export_vllm(tmp_path / "ckpt", tmp_path / "vllm", verifier=verifier)
+    vllm_tensors = exported(tmp_path / "vllm")[1]
+    assert set(vllm_tensors) == set(tensors) and all(torch.equal(vllm_tensors[k], tensors[k]) for k in tensors)
+
+
+def test_sglang_rope_scaling_is_the_verifiers(tmp_path):
+    """A scaled rope (Llama-3 style) is written as rope_scaling, which transformers reads back."""
+    from transformers import LlamaConfig
+
+    from specheads.drafters.eagle3 import Eagle3Config, Eagle3Model, save_eagle3
+
+    verifier = llama6()
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    cfg = Eagle3Config.from_verifier(verifier, verifier.vocab_size, [1, 2, 3])
+    cfg.rope_parameters = rope
+    save_eagle3(tmp_path / "ckpt", Eagle3Model(cfg), verifier)
+    export_drafter(tmp_path / "ckpt", tmp_path / "sglang", format="sglang")
+    config = exported(tmp_path / "sglang")[0]
+    assert config["rope_theta"] == 500000.0 and config["rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"}
+    assert LlamaConfig(**{k: v for k, v in config.items() if k != "rope_parameters"}).rope_parameters["factor"] == 8.0
+
+
+@pytest.mark.parametrize("verifier_fn, aux, num_layers, named", [
+    (deep_llama, [1, 2, 3], 2, "reads one"),  # SGLang refuses num_hidden_layers != 1
+    (deep_llama, [1, 2], 1, "exactly 3"),  # fc is Linear(3 * target_hidden_size, ...)
+    (llama6, [1, 3, 4], 1, "layer 2"),  # no list is read alike before and after SGLang PR #25454
+    (deep_llama, [1, 2, 4], 1, "aux layer id 4"),  # the final-norm feature, as for vLLM
+])
+def test_eagle3_sglang_refusals(tmp_path, verifier_fn, aux, num_layers, named):
+    from specheads.drafters.eagle3 import save_eagle3
+
+    save_eagle3(tmp_path / "ckpt", eagle3_model(verifier_fn(), aux=aux, draft_vocab=30, num_layers=num_layers), verifier_fn())
+    with pytest.raises(SpecHeadsError, match=named):
+        export_drafter(tmp_path / "ckpt", tmp_path / "sglang", format="sglang")
+    assert not (tmp_path / "sglang").exists()
+
+
+def test_draft_model_sglang_folder_is_the_vllm_folder(tmp_path):
+    save_draft_model(tmp_path / "student")
+    export = export_drafter(tmp_path / "student", tmp_path / "sglang", format="sglang")
+    assert (export.format, export.method) == ("sglang", "draft_model")
+    export_vllm(tmp_path / "student", tmp_path / "vllm")
+    assert sorted(p.name for p in (tmp_path / "sglang").iterdir()) == sorted(p.name for p in (tmp_path / "vllm").iterdir())
+    assert exported(tmp_path / "sglang")[0] == exported(tmp_path / "vllm")[0]
+
+
+# -- EAGLE-3 in vLLM's speculators format (--format speculators) ---------------------------------
+def vllm_speculators_config(config: dict) -> tuple[dict, dict]:
+    """vLLM 0.32's reading of a speculators config.json, restated from
+    vllm/transformers_utils/configs/speculators/{base,algos}.py: (the speculative config it
+    builds, the draft model config it builds)."""
+    spec = config["speculators_config"]
+    assert config["speculators_model_type"] == "eagle3" and "model_type" not in config  # no model_type: "speculators"
+    speculative = {"method": config["speculators_model_type"], "num_speculative_tokens": spec["proposal_methods"][0]["speculative_tokens"],
+                   "verifier": spec["verifier"]["name_or_path"]}
+    draft = dict(config["transformer_layer_config"])
+    draft["draft_vocab_size"] = config.get("draft_vocab_size")
+    draft["target_hidden_size"] = config["target_hidden_size"]
+    draft["norm_before_residual"] = config.get("norm_before_residual", True)
+    for key in ("norm_before_fc", "fc_norm", "norm_output"):
+        draft[key] = config.get(key, False)
+    draft["architectures"] = [{"llama": "Eagle3LlamaForCausalLM", "qwen3": "Eagle3Qwen3ForCausalLM"}[draft.get("model_type", "llama")]]
+    draft["eagle_aux_hidden_state_layer_ids"] = config["eagle_aux_hidden_state_layer_ids"]
+    return speculative, draft
+
+
+@pytest.mark.parametrize("aux, draft_vocab, num_layers", [([3, 1, 2], 40, 1), ([2, 1], None, 2)])
+def test_eagle3_speculators_folder_is_what_vllm_reads(tmp_path, aux, draft_vocab, num_layers):
+    from specheads.drafters.eagle3 import save_eagle3
+
+    verifier = deep_llama()
+    model = eagle3_model(verifier, aux=aux, draft_vocab=draft_vocab, num_layers=num_layers)
+    save_eagle3(tmp_path / "ckpt", model, verifier)
+    (tmp_path / "verifier").mkdir()
+    (tmp_path / "verifier" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    export = export_drafter(tmp_path / "ckpt", tmp_path / "spec", format="speculators", verifier=verifier,
+                            verifier_path=str(tmp_path / "verifier"), num_speculative_tokens=5)
+    assert (export.format, export.method, export.verifier) == ("speculators", "eagle3", str(tmp_path / "verifier"))
+    config, tensors = exported(tmp_path / "spec")
+    speculative, draft = vllm_speculators_config(config)
+    assert speculative == {"method": "eagle3", "num_speculative_tokens": 5, "verifier": str(tmp_path / "verifier")}
+    assert config["speculators_config"]["verifier"]["architectures"] == ["LlamaForCausalLM"]  # the named folder's
+    V, Vd = verifier.vocab_size, draft_vocab or verifier.vocab_size
+    # every field vLLM would otherwise default, with specheads' values (norm_before_residual defaults to true here)
+    for key in ("draft_vocab_size", "target_hidden_size", "norm_before_residual", "norm_before_fc", "fc_norm", "norm_output",
+                "eagle_aux_hidden_state_layer_ids"):
+        assert key in config, key
+    assert (draft["draft_vocab_size"], draft["target_hidden_size"], draft["vocab_size"], draft["num_hidden_layers"]) == (Vd, H, V, num_layers)
+    assert draft["norm_before_residual"] is False and draft["architectures"] == ["Eagle3LlamaForCausalLM"]
+    assert draft["num_aux_hidden_states"] == len(aux) and draft["eagle_aux_hidden_state_layer_ids"] == sorted(aux)
+    assert draft["rope_parameters"] == model.config.rope_parameters and draft["tie_word_embeddings"] is False
+    # weights as the speculators converter names them: layers.{i}.*, no midlayer, no embedding
+    expected = {"fc.weight", "norm.weight", "lm_head.weight"} | {f"layers.{i}.{n}.weight" for i in range(num_layers) for n in SGLANG_LAYER_WEIGHTS}
+    if draft_vocab:
+        expected |= {"d2t", "t2d"}
+    assert set(tensors) == expected
+    ids = torch.tensor([5, 9, 13, 7, 30, 22, 11, 40, 3])
+    hs = target_states(verifier, ids)
+    with torch.no_grad():
+        ours_logits, ours_pre = specheads_eagle3_forward(model, verifier, ids, hs)
+        theirs_logits, theirs_pre = vllm_eagle3_forward({**draft, "eagle_config": {}}, tensors, verifier.model.get_input_embeddings(), hs, ids,
+                                                        capture=draft["eagle_aux_hidden_state_layer_ids"], first_layer="layers.0")
+    torch.testing.assert_close(theirs_pre, ours_pre, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs_logits, ours_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_speculators_verifier_defaults_to_the_recorded_one(tmp_path, monkeypatch):
+    """The checkpoint's verifier by default: an alias becomes its converted folder (vLLM knows no
+    specheads alias), a local folder an absolute path, anything else (a hub id) stays."""
+    import specheads.verifier as verifier_module
+    from specheads.drafters.eagle3 import save_eagle3
+
+    save_eagle3(tmp_path / "ckpt", eagle3_model(deep_llama(), aux=[1, 2, 3], draft_vocab=30), deep_llama())
+    assert export_drafter(tmp_path / "ckpt", tmp_path / "a", format="speculators").verifier == "tiny-llama-4layers"
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["specheads"]["verifier"]["name"] = "smollm2-135m"  # as a checkpoint trained for the alias records it
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    converted = tmp_path / "cache" / "smollm2-135m"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    monkeypatch.setattr(verifier_module, "converted_alias_dir", lambda alias: converted)
+    export = export_drafter(tmp_path / "ckpt", tmp_path / "b", format="speculators")
+    verifier = exported(tmp_path / "b")[0]["speculators_config"]["verifier"]
+    assert export.verifier == str(converted) and verifier == {"name_or_path": str(converted), "architectures": ["LlamaForCausalLM"]}
+
+
+@pytest.mark.parametrize("kind, fmt, named", [
+    ("medusa", "sglang", "SGLang has no Medusa"),
+    ("medusa", "speculators", "vLLM 0.32.s speculators format knows eagle3"),
+    ("draft_model", "speculators", "vLLM 0.32.s speculators format knows eagle3"),
+])
+def test_kinds_an_engine_cannot_serve_are_refused(llama, tmp_path, kind, fmt, named):
+    if kind == "medusa":
+        save_medusa(tmp_path / "ckpt", random_heads(llama, num_heads=2), llama)
+    else:
+        save_draft_model(tmp_path / "ckpt")
+    with pytest.raises(SpecHeadsError, match=f"cannot serve: {named}"):
+        export_drafter(tmp_path / "ckpt", tmp_path / "out", format=fmt)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_format_and_token_count_are_refused(llama, tmp_path):
+    save_medusa(tmp_path / "ckpt", random_heads(llama, num_heads=2), llama)
+    with pytest.raises(SpecHeadsError, match="export format 'tensorrt' is not one of vllm, sglang, speculators"):
+        export_drafter(tmp_path / "ckpt", tmp_path / "out", format="tensorrt")
+    with pytest.raises(SpecHeadsError, match="num_speculative_tokens=0"):
+        export_drafter(tmp_path / "ckpt", tmp_path / "out", num_speculative_tokens=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_sglang_and_speculators(tmp_path, capsys):
+    from specheads.drafters.eagle3 import save_eagle3
+
+    save_eagle3(tmp_path / "ckpt", eagle3_model(deep_llama(), aux=[1, 2, 3], draft_vocab=30), deep_llama())
+    assert cli_main(["export", "--format", "sglang", "--num-speculative-tokens", "4", str(tmp_path / "ckpt"), str(tmp_path / "sglang")]) == 0
+    out = capsys.readouterr().out
+    assert (f"python -m sglang.launch_server --model-path VERIFIER_DIR --speculative-algorithm EAGLE3 --speculative-draft-model-path "
+            f"{tmp_path / 'sglang'} --speculative-num-steps 4 --speculative-eagle-topk 1 --speculative-num-draft-tokens 5") in out
+    assert '"method": "eagle3"' in out and "what SGLang does not do" in out
+    assert cli_main(["export", "--format", "speculators", "--verifier-path", "org/verifier", str(tmp_path / "ckpt"), str(tmp_path / "spec")]) == 0
+    out = capsys.readouterr().out
+    assert f"--model {tmp_path / 'spec'}" in out and "verifier org/verifier" in out
+    assert exported(tmp_path / "spec")[0]["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
+    assert cli_main(["export", "--verifier-path", "org/verifier", str(tmp_path / "ckpt"), str(tmp_path / "vllm")]) == 2
+    assert "--verifier-path names the verifier in a speculators folder" in capsys.readouterr().err
+    assert cli_main(["export", "--format", "sglang", f"{tmp_path / 'ckpt'}+ngram", str(tmp_path / "sglang")]) == 0
+    assert "the n-gram part: SGLang runs one speculative algorithm per server" in capsys.readouterr().out
+
+
+# -- the real vLLM, where its venv is here ------------------------------------------------------
+VLLM_PYTHON = os.environ.get("SPECHEADS_VLLM_PYTHON", str(Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"))
+VLLM_READS = """
+import json, sys
+from vllm.transformers_utils.config import get_config, maybe_override_with_speculators
+from vllm.transformers_utils.configs.eagle import EAGLEConfig
+spec_dir, sglang_dir = sys.argv[1:]
+model, _, speculative = maybe_override_with_speculators(model=spec_dir, tokenizer=None, trust_remote_code=False)
+keys = ("architectures", "draft_vocab_size", "target_hidden_size", "norm_before_residual", "norm_before_fc", "fc_norm",
+        "norm_output", "eagle_aux_hidden_state_layer_ids", "num_aux_hidden_states", "num_hidden_layers", "vocab_size", "head_dim")
+spec = get_config(spec_dir, trust_remote_code=False)
+sglang = EAGLEConfig(get_config(sglang_dir, trust_remote_code=False), method="eagle3", model_type="eagle")
+print(json.dumps({"model": model, "speculative": speculative, "speculators": {k: getattr(spec, k, None) for k in keys},
+                  "sglang": {k: getattr(sglang, k, None) for k in keys}}))
+"""
+
+
+def _vllm_imports() -> bool:
+    return Path(VLLM_PYTHON).is_file() and subprocess.run([VLLM_PYTHON, "-c", "import vllm"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _vllm_imports(), reason="no python with vllm here (.venv-vllm, or $SPECHEADS_VLLM_PYTHON)")
+def test_vllm_reads_the_speculators_and_sglang_folders(tmp_path):
+    """vLLM 0.32's own config code on both folders (10 to 20 s, most of it importing vllm)."""
+    from specheads.drafters.eagle3 import save_eagle3
+
+    save_eagle3(tmp_path / "ckpt", eagle3_model(deep_llama(), aux=[3, 1, 2], draft_vocab=40), deep_llama())
+    export_drafter(tmp_path / "ckpt", tmp_path / "spec", format="speculators", verifier_path="org/verifier", num_speculative_tokens=4)
+    export_drafter(tmp_path / "ckpt", tmp_path / "sglang", format="sglang")
+    run = subprocess.run([VLLM_PYTHON, "-c", VLLM_READS, str(tmp_path / "spec"), str(tmp_path / "sglang")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["model"] == "org/verifier"
+    assert seen["speculative"] == {"method": "eagle3", "num_speculative_tokens": 4, "model": str(tmp_path / "spec")}
+    common = {"draft_vocab_size": 40, "target_hidden_size": H, "norm_before_residual": False, "norm_before_fc": False,
+              "fc_norm": False, "norm_output": False, "eagle_aux_hidden_state_layer_ids": [1, 2, 3], "num_aux_hidden_states": 3,
+              "num_hidden_layers": 1, "vocab_size": deep_llama().vocab_size, "head_dim": 8}
+    assert seen["speculators"] == {**common, "architectures": ["Eagle3LlamaForCausalLM"]}
+    assert seen["sglang"] == {**common, "architectures": ["LlamaForCausalLMEagle3"]}
