@@ -4,6 +4,10 @@ Every model here is built in the test process from a fixed seed (no downloads): 
 hidden size 32, 2 layers. A large ``initializer_range`` makes the random logits far from uniform,
 so greedy continuations vary (and argmax ties, which would make float noise matter, are rare).
 
+``make_model`` also builds two mixture-of-experts families that the parametrised fixtures leave
+out (``MOE_ARCHS``: Qwen3-MoE, and gpt-oss with sliding-window and full layers alternating and
+attention sinks); ``moe_verifier`` shares them at 4 layers (tests/test_moe_verifiers.py).
+
 Tests that load the real SmolLM2 verifier are marked ``@pytest.mark.slow`` (the marker is
 registered in pyproject.toml); run them with ``pytest -m slow``.
 """
@@ -22,6 +26,9 @@ import torch
 from specheads.verifier import Verifier
 
 ARCHS = ("llama", "qwen2", "gpt2")
+# Not in ARCHS (whose fixture parametrises many tests): tests/test_moe_verifiers.py runs these.
+MOE_ARCHS = ("qwen3_moe", "gpt_oss")
+MOE_WINDOW = 16  # gpt-oss's sliding window in the tiny twin: test sequences run past it
 VOCAB = 64
 BOS, EOS, PAD = 0, 1, 2
 MAX_POSITIONS = 256
@@ -50,8 +57,12 @@ def make_model(
     heads: int = 4,
     max_positions: int = MAX_POSITIONS,
     init_range: float = 0.5,
+    experts: int = 4,
+    top_k: int = 2,
+    window: int = MOE_WINDOW,
 ):
-    """A tiny randomly initialised causal LM (float32, eval mode, no grads)."""
+    """A tiny randomly initialised causal LM (float32, eval mode, no grads). ``experts``, ``top_k``
+    and ``window`` shape the MoE families (``window``: gpt-oss's sliding layers)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     ids = dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
@@ -76,6 +87,35 @@ def make_model(
             initializer_range=init_range, **ids,
         )
         model = GPT2LMHeadModel(cfg)
+    elif arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        # Every layer sparse (decoder_sparse_step 1): top-k of `experts` experts, renormalised, and
+        # heads x head_dim twice the hidden size, as in Qwen3-30B-A3B (32 x 128 over 2048).
+        cfg = Qwen3MoeConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+            num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True, decoder_sparse_step=1,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            head_dim=2 * hidden // heads, max_position_embeddings=max_positions, initializer_range=init_range, **ids,
+        )
+        model = Qwen3MoeForCausalLM(cfg)
+    elif arch == "gpt_oss":
+        from transformers import GptOssConfig, GptOssForCausalLM
+
+        # Plain float32 weights (no MXFP4), sliding and full layers alternating, attention sinks,
+        # heads x head_dim wider than the hidden size (gpt-oss-20b: 64 x 64 over 2880) and its YaRN
+        # rope scaled the same way (factor x original context = the context).
+        cfg = GptOssConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden, num_local_experts=experts,
+            num_experts_per_tok=top_k, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2), head_dim=2 * hidden // heads, sliding_window=window,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+            max_position_embeddings=max_positions, initializer_range=init_range,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                             "truncate": False, "original_max_position_embeddings": max_positions // 4},
+            **ids,
+        )
+        model = GptOssForCausalLM(cfg)
     else:
         raise ValueError(f"unknown test architecture {arch!r}")
     model.eval()
@@ -93,6 +133,12 @@ def make_verifier(arch: str, **kwargs) -> Verifier:
 def cached_verifier(arch: str, seed: int = 0) -> Verifier:
     """One shared Verifier per (arch, seed): the models are only ever run in inference mode."""
     return make_verifier(arch, seed=seed)
+
+
+@functools.lru_cache(maxsize=None)
+def moe_verifier(arch: str, seed: int = 0) -> Verifier:
+    """One shared tiny MoE Verifier per (arch, seed), 4 layers deep (gpt-oss: sliding, full, sliding, full)."""
+    return make_verifier(arch, seed=seed, layers=4)
 
 
 def noisy_copy(model, rel_sigma: float = 0.05, seed: int = 123):

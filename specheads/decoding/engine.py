@@ -139,14 +139,20 @@ class SpeculativeDecoder:
             return None
         if not trees:
             return f"{who} uses attention '{impl}', which is not tested with the 4D masks of tree verification (eager, sdpa)"
-        try:
-            self.model.set_attn_implementation("sdpa")
-        except Exception:  # noqa: BLE001  (older or remote-code models): refused just below
-            pass
-        if getattr(self.model.config, "_attn_implementation", None) not in TREE_ATTENTION:
+        # sdpa first; eager where the family has no sdpa (gpt-oss: its attention sinks are eager,
+        # flash or flex only, and flash or flex take no 4D tree mask)
+        for fallback in ("sdpa", "eager"):
+            try:
+                self.model.set_attn_implementation(fallback)
+                break
+            except Exception:  # noqa: BLE001  (a family without it, older or remote-code models): refused just below
+                pass
+        switched = getattr(self.model.config, "_attn_implementation", None)
+        if switched not in TREE_ATTENTION:
             raise SpecHeadsError(f"{who} uses attention '{impl}', which tree verification cannot use (it needs eager or sdpa "
-                                 f"for its 4D mask), and it cannot be switched to sdpa: load it with attn_implementation='sdpa'")
-        warnings.warn(f"{who}: attention '{impl}' switched to 'sdpa' for the candidate trees of drafter '{drafter.name}'", stacklevel=3)
+                                 f"for its 4D mask), and it cannot be switched to either: load it with attn_implementation='sdpa' "
+                                 f"or 'eager'")
+        warnings.warn(f"{who}: attention '{impl}' switched to '{switched}' for the candidate trees of drafter '{drafter.name}'", stacklevel=3)
         return None
 
     # -- validation ---------------------------------------------------------------------------
