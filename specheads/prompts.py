@@ -8,7 +8,10 @@ everything runs offline), ``translation`` (shipped: English paragraphs to transl
 with ``prompt`` / ``instruction`` / ``question`` / ``messages``), a directory written by
 ``datasets.save_to_disk``, ShareGPT V3's first user turns (``sharegpt`` for the installed copy or
 ``sharegpt:PATH``; see ``specheads.training.sharegpt``), or a Hugging Face dataset name (``name``
-or ``name:split``).
+or ``name:split``; without a split, ``train``, else ``train_sft`` as UltraChat names its chat split).
+With ``turns`` > 1, conversation records (``messages`` / ``conversations`` / MT-Bench ``turns``)
+become scripts ``{"user_turns": [...]}`` of their first user turns, for self-distillation to answer
+one after the other (``record_to_script``).
 """
 
 from __future__ import annotations
@@ -70,12 +73,49 @@ def record_to_prompt(record: dict, field: str | None = None) -> Prompt:
     raise SpecHeadsError(f"cannot read a prompt from value {value!r}")
 
 
+# A script stops at a longer user turn: every later turn's prompt carries it (as ShareGPT scripts do).
+SCRIPT_TURN_CHARS = 1000
+
+
+def record_to_script(record: dict, turns: int) -> Prompt | None:
+    """One conversation record -> ``{"user_turns": [...]}``: its first ``turns`` user turns (stopping
+    at a blank one or one over SCRIPT_TURN_CHARS characters; system turns are left out), or None
+    when its first user turn is unusable. A record with a single prompt text stays that text."""
+    if "turns" in record and isinstance(record["turns"], list):  # MT-Bench / Spec-Bench
+        users = [t for t in record["turns"] if isinstance(t, str)]
+    elif isinstance(record.get("messages") or record.get("conversations"), list):
+        users = [str(t["content"]) for t in map(_normalise_turn, record.get("messages") or record.get("conversations"))
+                 if t["role"] in ("user", "human")]
+    else:
+        return record_to_prompt(record)
+    script = []
+    for text in users:
+        text = text.strip()
+        if not text or len(text) > SCRIPT_TURN_CHARS or len(script) == turns:
+            break
+        script.append(text)
+    return {"user_turns": script} if script else None
+
+
+def pick_split(names, source: str) -> str:
+    """The split a source without ``:split`` means: ``train``, else ``train_sft`` (UltraChat), else the only one."""
+    names = list(names)
+    for name in ("train", "train_sft"):
+        if name in names:
+            return name
+    if len(names) == 1:
+        return names[0]
+    raise SpecHeadsError(f"'{source}' has splits {sorted(names)} and none is 'train' or 'train_sft': name one as '{source}:SPLIT'")
+
+
 def _normalise_turn(turn: dict) -> dict:
     role = turn.get("role") or {"human": "user", "gpt": "assistant"}.get(turn.get("from", ""), turn.get("from", "user"))
     return {"role": role, "content": turn.get("content", turn.get("value", ""))}
 
 
-def load_prompts(source: str = "default", *, field: str | None = None, limit: int | None = None) -> list[Prompt]:
+def load_prompts(source: str = "default", *, field: str | None = None, limit: int | None = None, turns: int = 1) -> list[Prompt]:
+    """The prompts of ``source`` (see the module docstring), in its own order; at most ``limit``.
+    ``turns`` > 1: conversation records become ``{"user_turns": [...]}`` scripts (``record_to_script``)."""
     if limit is not None and limit < 1:
         raise SpecHeadsError(f"number of prompts must be >= 1, got {limit}")
     if source == "default":
@@ -99,21 +139,31 @@ def load_prompts(source: str = "default", *, field: str | None = None, limit: in
                         records.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise SpecHeadsError(f"{source}:{lineno} is not valid JSON: {exc}") from exc
-    elif os.path.isdir(source):
-        from datasets import load_from_disk
+    elif os.path.isdir(source) or (":" in source and os.path.isdir(source.rpartition(":")[0])):
+        from datasets import DatasetDict, load_from_disk
 
-        records = load_from_disk(source)
+        folder, split = (source, "") if os.path.isdir(source) else source.rpartition(":")[::2]
+        records = load_from_disk(folder)
+        if isinstance(records, DatasetDict):
+            split = split or pick_split(records, source)
+            if split not in records:
+                raise SpecHeadsError(f"saved dataset {folder} has no split '{split}' (it has {sorted(records)})")
+            records = records[split]
     else:
-        from datasets import load_dataset
+        from datasets import get_dataset_split_names, load_dataset
 
         name, _, split = source.partition(":")
         try:
-            records = load_dataset(name, split=split or "train")
+            records = load_dataset(name, split=split or pick_split(get_dataset_split_names(name), source))
+        except SpecHeadsError:
+            raise
         except Exception as exc:  # datasets raises many types for "not found / offline"
             raise SpecHeadsError(f"cannot load prompts from '{source}': not a file, a saved dataset or a reachable hub dataset ({exc})") from exc
     prompts = []
     for record in records:
-        prompts.append(record_to_prompt(dict(record), field))
+        prompt = record_to_prompt(dict(record), field) if turns == 1 or field else record_to_script(dict(record), turns)
+        if prompt is not None:
+            prompts.append(prompt)
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:

@@ -29,6 +29,7 @@ import inspect
 import json
 import random
 import re
+import sys
 import textwrap
 from collections import defaultdict
 from importlib import resources
@@ -360,11 +361,18 @@ def training_prompt_pool() -> list[tuple[str, str]]:
     return list(_pool())
 
 
-def training_prompts(source: str, n: int | None = None, seed: int = 0, turns: int = 1) -> list:
+def training_prompts(source: str | list[str], n: int | None = None, seed: int = 0, turns: int = 1) -> list:
     """A recipe's ``data.self_distill.prompts``: ``default`` (this module), ``sharegpt[:PATH]``
     (ShareGPT's first user turns, or with ``turns`` > 1 its conversations' first ``turns`` user
     turns, answered one after the other) in an order fixed by ``seed``, or any ``load_prompts``
-    source (in its own order)."""
+    source (in its own order; with ``turns`` > 1 its conversations' user turns too, e.g.
+    UltraChat's ``messages``). A list of sources is mixed (``mixed_prompts``)."""
+    if isinstance(source, (list, tuple)):
+        return mixed_prompts(list(source), n, seed=seed, turns=turns)
+    return _source_prompts(source, n, seed, turns)
+
+
+def _source_prompts(source: str, n: int | None, seed: int, turns: int) -> list:
     from ..prompts import load_prompts
     from .sharegpt import first_user_turns, is_sharegpt_source, source_path, user_turn_scripts
 
@@ -374,7 +382,45 @@ def training_prompts(source: str, n: int | None = None, seed: int = 0, turns: in
         if turns > 1:
             return user_turn_scripts(source_path(source), limit=n, seed=seed, max_turns=turns)
         return first_user_turns(source_path(source), limit=n, seed=seed)
-    return load_prompts(source, limit=n)
+    return load_prompts(source, limit=n, turns=turns)
+
+
+def mixed_prompts(sources: list[str], n: int | None = None, seed: int = 0, turns: int = 1) -> list:
+    """Prompts of several sources in equal shares (``n`` split evenly, the first sources taking the
+    remainder; a source that runs short leaves its share to the others), repeats dropped, in an
+    order fixed by ``seed`` (each prompt ranked by a hash of the seed and its id), so that every
+    shard of the self-distilled data holds some of each source."""
+    from .data import prompt_id
+
+    if not sources:
+        raise SpecHeadsError("no prompt sources to mix: the list is empty")
+    lists = [_source_prompts(source, n, seed, turns) for source in sources]
+    seen: set[str] = set()
+    chosen: list[list] = [[] for _ in sources]
+    if n is None:
+        quotas = [None] * len(sources)
+    else:
+        quotas = [n // len(sources) + (i < n % len(sources)) for i in range(len(sources))]
+    positions = [0] * len(sources)
+
+    def take(i: int, want: int | None) -> None:
+        while (want is None or len(chosen[i]) < want) and positions[i] < len(lists[i]):
+            prompt = lists[i][positions[i]]
+            positions[i] += 1
+            pid = prompt_id(prompt)
+            if pid not in seen:
+                seen.add(pid)
+                chosen[i].append(prompt)
+
+    for i, quota in enumerate(quotas):
+        take(i, quota)
+    if n is not None:  # shares a short source could not fill, from the others in turn
+        for i in range(len(sources)):
+            take(i, len(chosen[i]) + n - sum(map(len, chosen)))
+    mixed = [p for group in chosen for p in group]
+    counts = ", ".join(f"{len(group)} from {source}" for source, group in zip(sources, chosen))
+    print(f"[specheads] training prompts: {counts}", file=sys.stderr, flush=True)
+    return sorted(mixed, key=lambda p: _rank(prompt_id(p), str(seed)))
 
 
 def default_training_prompts(n: int | None = None, seed: int = 0) -> list[str]:
