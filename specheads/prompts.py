@@ -73,14 +73,12 @@ def record_to_prompt(record: dict, field: str | None = None) -> Prompt:
     raise SpecHeadsError(f"cannot read a prompt from value {value!r}")
 
 
-# A script stops at a longer user turn: every later turn's prompt carries it (as ShareGPT scripts do).
-SCRIPT_TURN_CHARS = 1000
-
-
 def record_to_script(record: dict, turns: int) -> Prompt | None:
     """One conversation record -> ``{"user_turns": [...]}``: its first ``turns`` user turns (stopping
-    at a blank one or one over SCRIPT_TURN_CHARS characters; system turns are left out), or None
+    at a blank one or one over ``sharegpt.SCRIPT_TURN_CHARS`` characters; system turns are left out), or None
     when its first user turn is unusable. A record with a single prompt text stays that text."""
+    from .training.sharegpt import SCRIPT_TURN_CHARS  # the limit ShareGPT scripts stop at
+
     if "turns" in record and isinstance(record["turns"], list):  # MT-Bench / Spec-Bench
         users = [t for t in record["turns"] if isinstance(t, str)]
     elif isinstance(record.get("messages") or record.get("conversations"), list):
