@@ -307,6 +307,11 @@ def run_bench(args) -> dict:
     from .bench import BenchConfig, BenchDrafter, markdown_table, run_benchmark, write_report
     from .prompts import PLAIN_TEXT_NO_TEMPLATE, load_prompts, prompt_format
 
+    if getattr(args, "engine", "specheads") == "vllm":
+        return _run_vllm_bench(args)
+    given = [flag for flag, dest in _VLLM_ONLY.items() if getattr(args, dest, None) not in (None, "")]
+    if given:
+        raise SpecHeadsError(f"{', '.join(given)}: only with --engine vllm (the specheads engine decodes one request at a time)")
     cfg = BenchConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=_sampling(args),
@@ -351,6 +356,54 @@ def run_bench(args) -> dict:
 def cmd_bench(args) -> int:
     run_bench(args)
     return 0
+
+
+# --engine vllm's options (dest by flag), refused with the specheads engine
+_VLLM_ONLY = {"--concurrency": "concurrency", "--num-speculative-tokens": "num_speculative_tokens", "--vllm-python": "vllm_python",
+              "--vllm-args": "vllm_args", "--max-model-len": "max_model_len"}
+# the specheads engine's options (dest: default), refused with --engine vllm where set
+_ENGINE_ONLY = {"--num-draft-tokens": ("num_draft_tokens", "4"), "--control": ("control", "goodput"),
+                "--typical-acceptance": ("typical_acceptance", False), "--tree": ("tree", "auto"), "--draft-vocab": ("draft_vocab", "0")}
+
+
+def _run_vllm_bench(args) -> dict:
+    """bench --engine vllm: the same prompts through vLLM's server at each --concurrency (specheads.serving_bench)."""
+    import shlex
+
+    from .bench import write_report
+    from .prompts import load_prompts
+    from .serving_bench import (DEFAULT_CONCURRENCY, DEFAULT_SPECULATIVE_TOKENS, ServingConfig, check_drafter_specs, markdown_table,
+                                plot, run_serving_bench)
+
+    given = [flag for flag, (dest, default) in _ENGINE_ONLY.items() if getattr(args, dest) != default]
+    if given:
+        raise SpecHeadsError(f"{', '.join(given)}: options of the specheads engine, not of --engine vllm "
+                             "(vLLM drafts a chain of --num-speculative-tokens and verifies all of it)")
+    if args.max_new_tokens < 1:
+        raise SpecHeadsError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    concurrency = tuple(dict.fromkeys(_parse_sizes(args.concurrency, "--concurrency"))) if args.concurrency else DEFAULT_CONCURRENCY
+    if 0 in concurrency:
+        raise SpecHeadsError(f"--concurrency must be >= 1, got '{args.concurrency}'")
+    try:
+        extra = shlex.split(args.vllm_args or "")
+    except ValueError as exc:
+        raise SpecHeadsError(f"--vllm-args '{args.vllm_args}' does not split like a shell command line ({exc})") from None
+    specs = [] if args.drafter in ("none", "plain") else _drafter_specs(args.drafter)
+    check_drafter_specs(specs)  # before a label is made of a hybrid
+    labels = _drafter_labels(specs, [_drafter_kind(s) or "drafter" for s in specs])
+    cfg = ServingConfig(concurrency=concurrency, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
+                        extra_server_args=extra, trust_remote_code=args.trust_remote_code, start_timeout_s=args.server_timeout)
+    prompts = load_prompts(args.prompts, field=args.prompt_field, limit=args.num_prompts)
+    chat_template = {"auto": None, "on": True, "off": False}[args.chat_template]
+    report = run_serving_bench(verifier=args.verifier, specs=specs, labels=labels, prompts=prompts, chat_template=chat_template,
+                               cfg=cfg, vllm_python=args.vllm_python, max_ngram=args.ngram_max, output=args.output,
+                               num_speculative_tokens=args.num_speculative_tokens or DEFAULT_SPECULATIVE_TOKENS)
+    report["prompts"] = args.prompts
+    paths = write_report(report, args.output, table=markdown_table, plot_fn=plot)
+    print(markdown_table(report))
+    print(f"report: {paths['json']}\ntable:  {paths['markdown']}\nplot:   {paths['plot']}")
+    return report
 
 
 def run_calibrate(args) -> dict:
@@ -481,6 +534,13 @@ def cmd_train(args) -> int:
     from .training.loop import train
     from .training.recipe import load_recipe
 
+    if args.tiny_twin:  # the recipe on a random scaled-down twin of its verifier (specheads.tiny_twin)
+        from .tiny_twin import run_tiny_twin
+
+        if args.resume or args.force or args.data_only:
+            raise SpecHeadsError("--tiny-twin runs the whole recipe from scratch: it takes no --resume, --force or --data-only")
+        run_tiny_twin(args.recipe, args.set, output_dir=args.output_dir)
+        return 0
     recipe = load_recipe(args.recipe, args.set)
     if args.output_dir:
         recipe.training.output_dir = args.output_dir
@@ -643,6 +703,35 @@ def _add_bench_args(p: argparse.ArgumentParser, *, output: str) -> None:
     g.add_argument("--output", default=output, help="folder for report.json, report.md and report.png (default: %(default)s)")
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("serving engine", "--engine vllm measures batch > 1 through vLLM's OpenAI server instead of "
+                             "specheads' engine (batch 1): the server is started without a drafter (plain) and with each "
+                             "--drafter in turn, one at a time, and every concurrency sends all prompts (token ids, the chat "
+                             "template applied here) with at most C requests in flight. Per method and concurrency: output "
+                             "tokens/s, speedup over plain at the same concurrency, tau and acceptance per position from vLLM's "
+                             "spec-decode counters, and at T=0 how many outputs equal plain's. Drafters: ngram (vLLM's n-gram "
+                             "method, --ngram-max), suffix (vLLM's suffix method; needs the arctic-inference package in the vLLM "
+                             "environment, else reported as not served), or a trained folder (EAGLE-3, Medusa, draft model), "
+                             "exported on the fly into OUTPUT/vllm_drafters; no hybrids (vLLM runs one method per engine). "
+                             "--dtype auto picks as specheads does for vLLM's device; use float32 for exact-identity checks. "
+                             "Server logs: OUTPUT/vllm_logs. On a CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (2 when unset)")
+    g.add_argument("--engine", default="specheads", choices=["specheads", "vllm"],
+                   help="specheads: this package's engine, one request at a time; vllm: vLLM's server at each --concurrency (default: %(default)s)")
+    g.add_argument("--concurrency", default=None, metavar="C,C,...",
+                   help="vllm: requests in flight, a comma list, each a run over all prompts (default: 1,4,16)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="vllm: tokens drafted per step (vLLM verifies all K; suffix sizes its own drafts) (default: 3)")
+    g.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="vllm: the Python that runs the server (default: this Python if it imports vllm, else .venv-vllm/bin/python, "
+                   "made by `bash scripts/vllm_interop.sh`)")
+    g.add_argument("--vllm-args", default=None, metavar="'ARGS'",
+                   help="vllm: more server arguments, one string split like a shell line, e.g. --vllm-args='--tensor-parallel-size 8'")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="vllm: the server's --max-model-len (default: the longest prompt plus --max-new-tokens, rounded up to 256)")
+    g.add_argument("--server-timeout", type=float, default=900.0,
+                   help="vllm: seconds a server may take to start before the run fails (default: %(default)s)")
+
+
 def cmd_suffix_index(args) -> int:
     from .drafters.suffix_index import build_corpus_index
     from .verifier import load_verifier
@@ -679,9 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="benchmark speculative decoding against plain decoding and Hugging Face generate",
-                       description="Measure tokens/s, tau, acceptance per draft position and speedup over plain decoding, side by side in one run.")
+                       description="Measure tokens/s, tau, acceptance per draft position and speedup over plain decoding, side by side in one run "
+                       "(--engine vllm: the same through vLLM's server at each --concurrency, batch > 1).")
     _add_bench_args(p, output="outputs/bench")
     p.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"], help="encode chat prompts with the verifier's chat template (default: %(default)s = when the tokenizer has one, else as plain text 'User: ...\\nAssistant:')")
+    _add_engine_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="train a drafter from a YAML recipe (run under `accelerate launch` for DDP / FSDP / DeepSpeed)",
@@ -696,6 +787,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="override training.output_dir")
     p.add_argument("--data-only", action="store_true", help="stop once the data is ready: self-distil (every process "
                    "answers its share under accelerate launch) and split it, without training")
+    p.add_argument("--tiny-twin", action="store_true", help="prove the recipe without its verifier's weights: build a random "
+                   "verifier of its architecture, scaled down (a few layers, hidden size 64, a 512-token vocabulary with the "
+                   "family's chat template), swap what cannot run here (hub datasets, serving engines, sharding, sizes; each "
+                   "said on stderr), then data -> 3 steps -> save -> load -> greedy decoding, speculative against plain, "
+                   "in float32; exits non-zero unless the tokens are identical (output: runs/tiny-twin/<recipe>, or --output-dir)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a drafter as the folder vLLM or SGLang loads (--format vllm|sglang|speculators)",
