@@ -2,7 +2,8 @@
 
 * cut from the verifier: its embeddings, final norm and LM head plus a subset of its decoder
   layers, so the student starts close to the verifier (``cut_layers``);
-* any causal LM directory whose vocabulary is the verifier's (``load_student_model``);
+* any causal LM, a local directory or a hub id, whose vocabulary is the verifier's
+  (``load_student_model``; a hub id is checked when it loads, from the hub or its cache);
 * a fresh random model of the verifier's architecture family with a smaller shape, the
   verifier's embeddings copied in when the hidden sizes match (``student_from_config``).
 
@@ -87,7 +88,34 @@ def _vocab_error(what: str, size: int, verifier) -> SpecHeadsError:
     )
 
 
-def _config_vocab_size(path: str) -> int | None:
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(path) -> bool:
+    """Whether ``path`` reads as a hub model id ("org/name") rather than a local path: no such file
+    or folder here, no leading ".", "/" or "~", one slash."""
+    return (isinstance(path, str) and _HUB_ID.fullmatch(path) is not None and not path.startswith((".", "~"))
+            and not os.path.exists(path))
+
+
+def _unreachable(path: str, exc: Exception) -> SpecHeadsError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return SpecHeadsError(f"student model '{path}' (drafter.student.path) cannot be reached: it is not a local model "
+                          f"directory, and the hub (or its cache) cannot give it ({first})")
+
+
+def _config_vocab_size(path: str, *, trust_remote_code: bool = False) -> int | None:
+    """The vocabulary size a model's config declares: a local folder's config.json, or a hub id's
+    config (the hub or its cache; the weights are not fetched)."""
+    if is_hub_id(path):
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise _unreachable(path, exc) from exc
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text, "vocab_size", None)
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     text = config.get("text_config") or config
@@ -95,15 +123,21 @@ def _config_vocab_size(path: str) -> int | None:
 
 
 def load_student_model(path: str, verifier, *, trust_remote_code: bool = False):
-    """A causal LM directory as a student, refused unless its vocabulary is the verifier's."""
+    """A causal LM (local directory or hub id) as a student, refused unless its vocabulary is the verifier's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise SpecHeadsError(f"student model {path} is not a model directory (no config.json)")
-    declared = _config_vocab_size(path)
+    hub = is_hub_id(path)
+    if not hub and not os.path.isfile(os.path.join(path, "config.json")):
+        raise SpecHeadsError(f"student model {path} is not a model directory (no config.json) nor a hub id (org/name)")
+    declared = _config_vocab_size(path, trust_remote_code=trust_remote_code)
     if declared is not None and declared != verifier.vocab_size:  # refuse before loading any weights
         raise _vocab_error(f"student model {path}", declared, verifier)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        if not hub:
+            raise
+        raise _unreachable(path, exc) from exc
     actual = model.get_output_embeddings().weight.shape[0]
     if actual != verifier.vocab_size:
         raise _vocab_error(f"student model {path}", actual, verifier)
@@ -154,7 +188,7 @@ def check_student(section, verifier) -> None:
         except SpecHeadsError as exc:
             raise SpecHeadsError(f"recipe value drafter.student.layers={section.layers!r}: {exc}") from None
     elif section.source == "model":
-        declared = _config_vocab_size(section.path)
+        declared = _config_vocab_size(section.path)  # a hub id that cannot be reached fails here, before any data
         if declared is not None and declared != verifier.vocab_size:
             raise _vocab_error(f"student model {section.path} (drafter.student.path)", declared, verifier)
 

@@ -337,7 +337,7 @@ def _check_self_distill_sources(s: SelfDistillSection) -> None:
 def _student_checks(st: "StudentSection") -> list[tuple[str, Any, bool]]:
     """What can be checked without the verifier; layer indices against its depth are checked
     by ``specheads.student.check_student`` as soon as the verifier is loaded."""
-    from ..student import layer_spec_ok
+    from ..student import is_hub_id, layer_spec_ok
 
     if st.source not in STUDENT_SOURCES:
         raise SpecHeadsError(f"recipe value drafter.student.source={st.source!r} is not a student source (choose {', '.join(STUDENT_SOURCES)})")
@@ -345,9 +345,9 @@ def _student_checks(st: "StudentSection") -> list[tuple[str, Any, bool]]:
     if st.source == "verifier_layers":
         if not layer_spec_ok(st.layers):
             raise SpecHeadsError(f"recipe value drafter.student.layers={st.layers!r} is not every:M, first:L (M, L >= 1) or a list of layer indices")
-    elif st.source == "model":
-        if not st.path or not os.path.isfile(os.path.join(st.path, "config.json")):
-            raise SpecHeadsError(f"recipe value drafter.student.path={st.path!r} is not a model directory (no config.json)")
+    elif st.source == "model":  # a hub id is checked when it loads (specheads.student.check_student)
+        if not st.path or not (os.path.isfile(os.path.join(st.path, "config.json")) or is_hub_id(st.path)):
+            raise SpecHeadsError(f"recipe value drafter.student.path={st.path!r} is not a model directory (no config.json) nor a hub id (org/name)")
     elif st.source == "config":
         for key in ("hidden_size", "num_layers", "num_heads"):
             value = getattr(st, key)
