@@ -528,7 +528,11 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict, output_dir: str) -> dict[str, str]:
+def write_report(report: dict, output_dir: str, *, table: Callable[[dict], str] | None = None,
+                 plot_fn: Callable[[dict, str], None] | None = None) -> dict[str, str]:
+    """report.json, report.md (``table``, by default this module's markdown_table) and report.png
+    (``plot_fn``, by default plot) in ``output_dir``."""
+    table, plot_fn = table or markdown_table, plot_fn or plot
     os.makedirs(output_dir, exist_ok=True)
     paths = {
         "json": os.path.join(output_dir, "report.json"),
@@ -538,6 +542,6 @@ def write_report(report: dict, output_dir: str) -> dict[str, str]:
     with open(paths["json"], "w") as f:
         json.dump(report, f, indent=2)
     with open(paths["markdown"], "w") as f:
-        f.write(markdown_table(report))
-    plot(report, paths["plot"])
+        f.write(table(report))
+    plot_fn(report, paths["plot"])
     return paths
