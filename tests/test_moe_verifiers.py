@@ -198,13 +198,14 @@ def make_drafter(kind: str, v: Verifier, arch: str):
         "medusa_tree": lambda: MedusaDrafter(medusa_heads(arch), v, tree="tree8"),
         "eagle3_chain": lambda: Eagle3Drafter(random_eagle3(arch), v, tree="chain"),
         "eagle3_tree": lambda: Eagle3Drafter(random_eagle3(arch), v, tree=8, top_k=3),
+        "eagle3_auto": lambda: Eagle3Drafter(random_eagle3(arch), v, tree="auto", top_k=3),  # the CLI's default
     }[kind]()
 
 
 # kind -> (draft length, goodput control)
 KINDS = {"ngram": (4, False), "self": (4, False), "noisy": (3, False), "noisy_goodput": (4, True), "medusa_tree": (3, False),
-         "eagle3_chain": (3, False), "eagle3_tree": (3, False)}
-TREES = ("medusa_tree", "eagle3_tree")
+         "eagle3_chain": (3, False), "eagle3_tree": (3, False), "eagle3_auto_goodput": (3, True)}
+TREES = ("medusa_tree", "eagle3_tree", "eagle3_auto_goodput")
 
 
 def decode_all(arch: str, v: Verifier, kind: str, monkeypatch) -> tuple[int, int]:
@@ -246,7 +247,7 @@ def test_greedy_decoding_is_lossless(arch, kind, monkeypatch):
     v = moe_verifier(arch)
     assert len(PROMPTS[0]) + N_NEW > 2 * MOE_WINDOW
     if kind in TREES:
-        assert SpeculativeDecoder(v, make_drafter(kind, v, arch))._no_trees is None  # trees run, on sliding layers too
+        assert SpeculativeDecoder(v, make_drafter(kind.removesuffix("_goodput"), v, arch))._no_trees is None  # trees run, on sliding layers too
     accepted, drafted = decode_all(arch, v, kind, monkeypatch)
     assert drafted > 0
     if kind == "self":
