@@ -19,6 +19,7 @@ PUBLISHED = {
     "meta-llama/Llama-3.1-8B-Instruct": (8_030_261_248, 8_030_261_248),
     "Qwen/Qwen3-8B": (8_190_735_360, 8_190_735_360),
     "Qwen/Qwen3-30B-A3B": (30_532_122_624, 3_353_032_704),  # 3.3B active: 8 of 128 experts per token
+    "meta-llama/Llama-3.3-70B-Instruct": (70_553_706_496, 70_553_706_496),
 }
 
 
