@@ -8,8 +8,8 @@ default aux layers inside a shallow verifier, and a rope that rotates exactly as
 (at the tiny twins and at the real Qwen3-30B-A3B / gpt-oss-20b configs, built on the meta device).
 (b) Greedy decoding is token for token transformers' greedy ``generate`` with every drafter kind
 (n-gram, the verifier as its own draft model, a noisy copy, Medusa trees, EAGLE-3 chains and
-dynamic trees, goodput control), far past gpt-oss's window; a tree step leaves the engine's
-cache equal to a fresh prefill's. A config that asks for router logits changes nothing.
+dynamic trees, goodput control), far past gpt-oss's window; one tree forward gives each node the
+logits of a causal forward over its path, and the engine's cache ends equal to a fresh prefill's. A config that asks for router logits changes nothing.
 (c) Self-distillation through ``generate`` runs on both, answers as unbatched greedy does, and
 the features it captures equal the verifier's own ``output_hidden_states`` forward.
 (d) EAGLE-3 trains through the real loop on both, saves, loads and decodes losslessly.
@@ -148,6 +148,37 @@ def test_eagle3_drafter_for_the_real_configs(name, head_dim, aux):
 # (b) greedy decoding is lossless with every drafter kind
 
 
+@pytest.mark.parametrize("where", ["inside", "past"])
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_one_tree_forward_equals_causal_forwards_over_each_path(arch, where):
+    """Every node's logits of one tree verify forward (tree masks per layer type, routed experts,
+    gpt-oss's sinks) equal a causal forward over its root-to-node path, with the past inside
+    gpt-oss's window and far past it; after keeping a later branch the cache equals a fresh
+    prefill's."""
+    from test_sliding_window_trees import TREE, _max_error, _tree_forward
+
+    from specheads.decoding.kv_cache import keep_positions
+    from specheads.decoding.tree import path_to_node
+
+    model = moe_verifier(arch).model
+    past_len = 5 if where == "inside" else 2 * MOE_WINDOW + 3
+    seq = torch.randint(3, VOCAB, (past_len + 1 + len(TREE),), generator=torch.Generator().manual_seed(past_len)).tolist()
+    past, pending, toks = seq[:past_len], seq[past_len], seq[past_len + 1 :]
+    with torch.no_grad():
+        reference = {i: model(input_ids=torch.tensor([past + [pending] + [toks[j] for j in path_to_node(TREE, i)]])).logits[0, -1]
+                     for i in range(-1, len(TREE))}
+        logits, cache, _ = _tree_forward(model, SpeculativeDecoder(moe_verifier(arch), None), past, pending, toks)
+        assert _max_error(logits, reference) < 1e-4
+        path = path_to_node(TREE, 6)  # through a later branch: rows that are not a prefix move
+        keep_positions(cache, past_len, [0] + [i + 1 for i in path])
+        fresh = new_cache(model)
+        model(input_ids=torch.tensor([past + [pending] + [toks[i] for i in path]]), **cache_kwargs(model, fresh), use_cache=True)
+    for mine, theirs in zip(cache.layers, fresh.layers):
+        assert mine.keys.shape == theirs.keys.shape
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-4, rtol=1e-4)  # float noise of other matmul shapes
+        torch.testing.assert_close(mine.values, theirs.values, atol=1e-4, rtol=1e-4)
+
+
 class FlatCost:
     """A verify cost that does not grow with the token count (a GPU's): goodput control drafts."""
 
@@ -221,7 +252,7 @@ def decode_all(arch: str, v: Verifier, kind: str, monkeypatch) -> tuple[int, int
     monkeypatch.setattr(engine_mod, "new_cache", capturing_new_cache)
     k, goodput = KINDS[kind]
     control = dict(control="goodput", cost=FlatCost()) if goodput else dict(control="fixed")
-    accepted = drafted = 0
+    accepted = drafted = checked = 0
     for prompt in PROMPTS:
         drafter = make_drafter(kind.removesuffix("_goodput"), v, arch)
         out = SpeculativeDecoder(v, drafter, num_draft_tokens=k, **control).generate(list(prompt), max_new_tokens=N_NEW, eos_token_ids=[EOS])
@@ -238,6 +269,8 @@ def decode_all(arch: str, v: Verifier, kind: str, monkeypatch) -> tuple[int, int
         for mine, theirs in zip(caches[-1].layers, fresh.layers):
             assert mine.keys.shape == theirs.keys.shape  # a sliding layer trimmed back to its window
             torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-4, rtol=1e-4)
+        checked += 1
+    assert checked, "no run reached max_new_tokens: the cache was never compared"
     return accepted, drafted
 
 
