@@ -243,8 +243,8 @@ def scaled_config(real: dict, *, shape: TwinShape, vocab_size: int, bos: int | N
     c.update(hidden_size=H, num_attention_heads=heads, num_key_value_heads=kv, num_hidden_layers=layers,
              vocab_size=vocab_size, eos_token_id=eos if len(eos) > 1 else eos[0], pad_token_id=pad, bos_token_id=bos,
              initializer_range=shape.initializer_range)
-    if "head_dim" in c:  # e.g. Qwen3-30B-A3B: 32 heads of 128 over a hidden size of 2048
-        c["head_dim"] = max(8, round(H / heads * hd0 / (H0 / heads0)))
+    if "head_dim" in c:  # e.g. Qwen3-30B-A3B: 32 heads of 128 over a hidden size of 2048; even, as rotary needs
+        c["head_dim"] = 2 * max(4, round(H / heads * hd0 / (H0 / heads0) / 2))
     for key in _WIDTH_KEYS:
         if isinstance(c.get(key), int) and c[key] > 0:
             c[key] = max(8, round(c[key] * H / H0))
