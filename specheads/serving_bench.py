@@ -698,14 +698,28 @@ def markdown_table(report: dict) -> str:
             row = m["concurrency"].get(str(c))
             if row is None:
                 continue
-            acc = ", ".join(f"{a:.2f}" for a in row["acceptance_per_position"]) or "-"
+            acc = _acceptance_cell(row["acceptance_per_position"])
             tau = f"{row['tau']:.2f}" if row["tau"] is not None else "-"
             speedup = f"{row['speedup']:.2f}x" if row["speedup"] is not None else "-"
             ident = f"{row['identical_prompts']}/{row['requests']}" if "identical_prompts" in row else "-"
             lines.append(f"| {name} | {c} | {row['tokens_per_s']:.1f} | {speedup} | {tau} | {acc} | {ident} |")
     if report.get("temperature", 0) <= 0:
         lines += ["", f"identical to plain: prompts whose greedy output equals, token for token, {report['identity_reference']}"]
+        if report["dtype"] != "float32":
+            lines.append(f"(in {report['dtype']} a batch of another shape may round a near-tie the other way: --dtype float32 for an "
+                         "exact identity check)")
     return "\n".join(lines) + "\n"
+
+
+def _acceptance_cell(rates: list[float]) -> str:
+    """'0.62, 0.31, 0.10'; a long tail of zeros (suffix drafts up to 24 deep) said once."""
+    last = max((i for i, a in enumerate(rates) if a > 0), default=-1)
+    if len(rates) - last - 1 < 3:
+        last = len(rates) - 1
+    shown = ", ".join(f"{a:.2f}" for a in rates[: last + 1])
+    if last + 1 < len(rates):
+        shown += f"{', ' if shown else ''}0 at positions {last + 2}-{len(rates)}"
+    return shown or "-"
 
 
 def plot(report: dict, path: str) -> None:
@@ -741,6 +755,7 @@ def plot(report: dict, path: str) -> None:
     ax3.set_xlabel("draft position")
     ax3.set_ylabel("accepted / drafts")
     ax3.set_ylim(0, 1.05)
+    ax3.xaxis.get_major_locator().set_params(integer=True)
     ax3.set_title("acceptance per draft position")
     if ax3.lines:
         ax3.legend(fontsize=8)

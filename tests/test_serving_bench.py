@@ -240,6 +240,8 @@ def test_suffix_gets_a_fresh_server_per_concurrency(fake_setup, tmp_path, monkey
     assert [Path(p).name for p in report["logs"]["speculative[suffix]"]] == ["suffix-c1.log", "suffix-c3.log"]
     assert report["methods"]["speculative[suffix]"]["speculative_config"] == {"method": "suffix"}
     assert len(report["methods"]["speculative[suffix]"]["concurrency"]["3"]["acceptance_per_position"]) == 24  # vLLM's depth
+    assert "| speculative[suffix] | 3 |" in (tmp_path / "report.md").read_text()
+    assert "| 1.00, 0.50, 0 at positions 3-24 |" in (tmp_path / "report.md").read_text()  # the fake accepts 2 of 24
 
 
 def test_a_server_that_fails_mid_run_is_named_and_stopped(fake_setup, tmp_path, capsys):
