@@ -216,6 +216,25 @@ def test_real_config_reads_a_local_folder_or_the_hf_cache_before_the_shipped_cop
     assert real_config(str(local)).config["num_hidden_layers"] == 3
 
 
+def test_an_alias_without_its_converted_copy_reads_the_shipped_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECHEADS_CACHE", str(tmp_path / "empty"))
+    found = real_config("smollm2-135m")
+    assert found.where.startswith("specheads/data/hub_configs.json (HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert (found.config["model_type"], found.config["num_hidden_layers"], found.chat_format) == ("llama", 30, "chatml")
+
+
+def test_hub_conversations_become_self_distilled_bundled_prompts(tmp_path):
+    from specheads.tiny_twin import twin_overrides
+
+    base = [f"training.output_dir={tmp_path / 'run'}", "drafter.kind=eagle3", "data.conversations=HuggingFaceH4/ultrachat_200k:train_sft"]
+    recipe = load_recipe(None, base)
+    assert recipe.data.self_distill is None
+    twin = load_recipe(None, base + twin_overrides(recipe, str(tmp_path / "twin"), str(tmp_path / "verifier"), None))
+    assert twin.data.conversations is None and twin.data.self_distill.prompts == "default"
+    assert twin.data.self_distill.num_prompts == 8 and twin.data.self_distill.output_dir == str(tmp_path / "twin" / "data")
+    assert (twin.training.max_steps, twin.training.batch_size, twin.data.max_length) == (3, 2, 128)
+
+
 def test_an_unknown_hub_model_or_architecture_is_refused_by_name(tmp_path):
     with pytest.raises(SpecHeadsError, match=r"tiny twin of 'someone/unknown-model'.* ships only .*Qwen/Qwen3-8B"):
         real_config("someone/unknown-model")
