@@ -46,6 +46,7 @@ parse of every turn boundary).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -476,6 +477,8 @@ def generate_self_distillation(
     show = progress and procs.is_main
     if mine:  # an engine (a server check, a vLLM start) only when there is something to answer
         say = (lambda msg: print(f"[specheads] {msg}", file=sys.stderr, flush=True)) if show else None
+        if engine_options is not None and procs.world > 1:  # concurrency counts the requests of all processes
+            engine_options = dataclasses.replace(engine_options, concurrency=-(-engine_options.concurrency // procs.world))
         gen.use(build_engine(engine, gen, engine_options, say=say))
     desc = "self-distillation" if procs.world == 1 else f"self-distillation (process 0 of {procs.world})"
     bar = tqdm(total=sum(len(chunk) for _, chunk in mine), disable=not show, unit="prompt", desc=desc)

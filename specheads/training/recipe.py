@@ -89,7 +89,7 @@ class SelfDistillSection:
     # openai = OpenAI-compatible servers (`vllm serve`, SGLang) at `endpoints`; vllm = vllm.LLM in this process
     engine: str = "hf"
     endpoints: list[str] | None = None  # openai: base URLs, http://host:port/v1
-    concurrency: int = 32  # openai: requests in flight over all endpoints
+    concurrency: int = 32  # openai: requests in flight over all endpoints (and all processes)
     request_timeout: float = 600.0  # openai: seconds per request
     max_retries: int = 5  # openai: tries after a failed request (backoff 1, 2, 4, ... s), then the run stops
     api_key_env: str | None = None  # openai: the environment variable holding the API key (never the key itself)
