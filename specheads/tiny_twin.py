@@ -450,6 +450,9 @@ def run_tiny_twin(recipe_path: str, overrides: list[str] | None = None, output_d
     """Run ``recipe_path`` on a tiny twin of its verifier: build the twin (and a student's), train
     with the swapped sizes, load the drafter and check lossless greedy decoding. Returns a summary
     (also written to ``<output>/tiny_twin.json``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would build and clear the same folders
+        raise SpecHeadsError("--tiny-twin runs on one process: run `specheads train --recipe R --tiny-twin` (or python "
+                             "train/train.py ...) directly, not under a multi-process accelerate launch")
     threads = torch.get_num_threads()
     # A twin's matrices are 64 wide: threads cost more than they give (on a busy 2-core machine the
     # Qwen3-MoE twin's self-distillation took 82 s with torch's default threads, 2.5 s with one);

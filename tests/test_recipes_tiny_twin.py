@@ -277,6 +277,9 @@ def test_a_speculative_mismatch_fails_the_command(tmp_path, monkeypatch, capsys)
     assert "is not lossless: prompt 0: plain [" in err
     assert main(["train", "--recipe", recipe, "--tiny-twin", "--resume"]) != 0
     assert "--tiny-twin runs the whole recipe from scratch" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--recipe", recipe, "--tiny-twin", "--output-dir", str(tmp_path / "other")]) != 0
+    assert "--tiny-twin runs on one process" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 # -- a hub id as the student ---------------------------------------------------------------------------
