@@ -40,6 +40,7 @@ class FakeOpenAIServer:
         self.authorization = None  # the last request's Authorization header
         self.answers: list[tuple[list[int], str]] = []  # (ids, text) of every answer given
         self.httpd = None
+        self.stopping = False
 
     @property
     def url(self) -> str:
@@ -84,6 +85,8 @@ class FakeOpenAIServer:
                 try:
                     if server.delay:
                         time.sleep(server.delay)
+                    if server.stopping:  # its client gave up and the test moved on
+                        return self._send(503, {"error": {"message": "stopping"}})
                     if server.fail_after is not None and server.answered >= server.fail_after:
                         return self._send(server.fail_status, {"error": {"message": "engine died"}})
                     if server.flaky_every and n % server.flaky_every == 0:
@@ -98,7 +101,9 @@ class FakeOpenAIServer:
                         server.in_flight -= 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        # Closing joins the handler threads: none may still be inside torch when the tests' process exits.
+        self.httpd.daemon_threads = False
+        self.httpd.block_on_close = True
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self.timer = threading.Timer(self.lifetime, self.stop)
@@ -110,6 +115,7 @@ class FakeOpenAIServer:
         self.stop()
 
     def stop(self) -> None:
+        self.stopping = True
         if self.httpd is not None:
             self.timer.cancel()
             self.httpd.shutdown()

@@ -456,9 +456,11 @@ class OpenAIEngine(EngineBase):
                 failed = [f for f in finished if f.exception() is not None]
                 if failed:
                     raise failed[0].exception()
-        except BaseException:
-            self.stop.set()  # requests not started are dropped, retries end; those in flight end by their timeout
-            pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException as exc:
+            # Requests not started are dropped and retries end; those in flight end by their answer
+            # or timeout (waited for, unless the user interrupts: then they end in the background).
+            self.stop.set()
+            pool.shutdown(wait=not isinstance(exc, KeyboardInterrupt), cancel_futures=True)
             raise
         pool.shutdown(wait=True)
         return out
