@@ -78,7 +78,11 @@ class Server:
         self.log = open(log, "w")
         print(f"[regen] starting vLLM: {' '.join(cmd)} (log {log})", flush=True)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.wait_ready(args.start_timeout)
+        try:
+            self.wait_ready(args.start_timeout)
+        except BaseException:  # one that never came up is stopped too
+            self.stop()
+            raise
 
     def wait_ready(self, timeout: float) -> None:
         start = time.time()
