@@ -336,7 +336,7 @@ def _is_local_source(source) -> bool:
 
 def twin_overrides(recipe, out: str, verifier_dir: str, student_dir: str | None, run: TwinRun = TwinRun()) -> list[str]:
     """``--set`` values that turn ``recipe`` into its twin run, each swap said on stderr."""
-    from .training.recipe import SelfDistillSection, VerifierSection
+    from .training.recipe import VerifierSection
 
     r, d, t, dr = recipe, recipe.data, recipe.training, recipe.drafter
     sets = [f"verifier.name={verifier_dir}"]
@@ -349,12 +349,11 @@ def twin_overrides(recipe, out: str, verifier_dir: str, student_dir: str | None,
         if not _is_local_source(s.prompts):
             sets.append("data.self_distill.prompts=default")
             _note(f"data.self_distill.prompts {s.prompts} -> default (the bundled offline prompts)")
-        names = _fields(SelfDistillSection)
-        if "engine" in names and getattr(s, "engine", "hf") not in (None, "hf"):
+        if s.engine != "hf":
             sets.append("data.self_distill.engine=hf")
+            # the other engines' own settings, which engine hf refuses
+            sets += [f"data.self_distill.{k}=null" for k in ("endpoints", "api_key_env", "served_model", "vllm_args") if getattr(s, k)]
             _note(f"data.self_distill.engine {s.engine} -> hf (the endpoints would serve the full model, not the twin)")
-        if "endpoints" in names and getattr(s, "endpoints", None):
-            sets.append("data.self_distill.endpoints=null")
         sets += [
             f"data.self_distill.num_prompts={min(s.num_prompts or run.num_prompts, run.num_prompts)}",
             f"data.self_distill.max_new_tokens={min(s.max_new_tokens, run.max_new_tokens)}",

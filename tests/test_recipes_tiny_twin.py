@@ -235,6 +235,22 @@ def test_hub_conversations_become_self_distilled_bundled_prompts(tmp_path):
     assert (twin.training.max_steps, twin.training.batch_size, twin.data.max_length) == (3, 2, 128)
 
 
+@pytest.mark.parametrize("engine", [
+    ["data.self_distill.engine=openai", "data.self_distill.endpoints=[http://gpu-node:8000/v1]", "data.self_distill.api_key_env=KEY",
+     "data.self_distill.served_model=llama"],
+    ["data.self_distill.engine=vllm", "data.self_distill.vllm_args={tensor_parallel_size: 8}"],
+])
+def test_a_serving_engine_becomes_hf_without_its_settings(tmp_path, engine, capsys):
+    from specheads.tiny_twin import twin_overrides
+
+    base = [f"training.output_dir={tmp_path / 'run'}", "drafter.kind=eagle3", *engine]
+    recipe = load_recipe(None, base)
+    twin = load_recipe(None, base + twin_overrides(recipe, str(tmp_path / "twin"), str(tmp_path / "verifier"), None))
+    s = twin.data.self_distill
+    assert (s.engine, s.endpoints, s.api_key_env, s.served_model, s.vllm_args) == ("hf", None, None, None, None)
+    assert f"engine {recipe.data.self_distill.engine} -> hf" in capsys.readouterr().err
+
+
 def test_an_unknown_hub_model_or_architecture_is_refused_by_name(tmp_path):
     with pytest.raises(SpecHeadsError, match=r"tiny twin of 'someone/unknown-model'.* ships only .*Qwen/Qwen3-8B"):
         real_config("someone/unknown-model")
