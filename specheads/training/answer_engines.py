@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
