@@ -714,7 +714,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                              "environment, else reported as not served), or a trained folder (EAGLE-3, Medusa, draft model), "
                              "exported on the fly into OUTPUT/vllm_drafters; no hybrids (vLLM runs one method per engine). "
                              "--dtype auto picks as specheads does for vLLM's device; use float32 for exact-identity checks. "
-                             "Server logs: OUTPUT/vllm_logs. On a CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (2 when unset)")
+                             "Server logs: OUTPUT/vllm_logs. On a CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (2 when unset). "
+                             "--num-draft-tokens, --control, --tree, --draft-vocab and --typical-acceptance are the specheads "
+                             "engine's and are refused with vllm; --device, --threads, --cpu-linears, --float32-head and --no-hf "
+                             "do not apply there (vLLM places and runs the model)")
     g.add_argument("--engine", default="specheads", choices=["specheads", "vllm"],
                    help="specheads: this package's engine, one request at a time; vllm: vLLM's server at each --concurrency (default: %(default)s)")
     g.add_argument("--concurrency", default=None, metavar="C,C,...",

@@ -260,6 +260,18 @@ def test_a_server_that_does_not_start_shows_its_log(fake_setup, tmp_path, capsys
     assert "fake crash: the engine failed to start" in err
 
 
+def test_ctrl_c_stops_the_server(fake_setup, tmp_path):
+    from specheads.serving_bench import VllmServer, _get
+
+    log = tmp_path / "plain.log"
+    with pytest.raises(KeyboardInterrupt):
+        with VllmServer(probe_vllm(fake_setup["python"]), "model", [], log_path=log, label="plain") as server:
+            assert _get(server.url + "/health", 5)[0] == 200
+            raise KeyboardInterrupt
+    pids = _server_pids(log)
+    assert pids and not any(_alive(pid) for pid in pids)
+
+
 # -- vLLM itself ---------------------------------------------------------------------------------------
 def _real_vllm_python():
     try:
