@@ -118,6 +118,15 @@ def test_report_speedup_tau_and_identity_per_concurrency():
     assert "identical_prompts" not in sampled["methods"]["speculative[ngram]"]["concurrency"]["1"]  # sampled: no identity claim
 
 
+def test_request_body_samples_only_when_asked():
+    from specheads.serving_bench import request_body
+
+    greedy = request_body(ServingConfig(max_new_tokens=32, top_k=5), seed=3)
+    assert greedy == {"max_tokens": 32, "temperature": 0.0, "ignore_eos": False}  # greedy: no seed, no top-k to send
+    sampled = request_body(ServingConfig(max_new_tokens=32, temperature=0.7, top_k=5, top_p=0.9), seed=3, max_tokens=8)
+    assert sampled == {"max_tokens": 8, "temperature": 0.7, "ignore_eos": False, "seed": 3, "top_k": 5, "top_p": 0.9}
+
+
 # -- refusals and the missing vLLM -------------------------------------------------------------------
 def _bench(*extra):
     return main(["bench", "--engine", "vllm", "--num-prompts", "2", "--max-new-tokens", "8", *extra])
