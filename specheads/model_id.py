@@ -7,6 +7,10 @@ import hashlib
 
 import torch
 
+# Set on a model whose weights are sharded across processes (training.sharded_verifier): the
+# weights_sha256 of its whole weights, taken before sharding, as no process holds them all since.
+WHOLE_WEIGHTS_SHA256 = "_specheads_weights_sha256"
+
 
 def fingerprint(model) -> dict:
     """What a drafter checkpoint records to recognise the verifier it was trained for.
@@ -30,6 +34,8 @@ def weights_sha256(model, row_elements: int = 8192) -> str:
     rows per tensor, so it costs milliseconds for a 135M model on a CPU and stays small for
     multi-GB models on a GPU (one transfer per device).
     """
+    if WHOLE_WEIGHTS_SHA256 in getattr(model, "__dict__", {}):
+        return model.__dict__[WHOLE_WEIGHTS_SHA256]
     digest = hashlib.sha256()
     samples: list[torch.Tensor] = []
     for param in model.parameters():  # tied weights once, in a fixed order

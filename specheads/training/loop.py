@@ -29,7 +29,8 @@ own forward ran; an objective that calls the wrapped module's parts directly (Me
 gets the same average from ``_average_gradients``. The scheduler is not prepared (accelerate would
 step it once per process) but registered for checkpointing. DeepSpeed without CUDA gets the gloo
 backend, and its "auto" batch sizes are filled in here. ZeRO-3 / FSDP shards are gathered for
-every save (``get_state_dict`` is collective), and the frozen verifier is loaded whole.
+every save (``get_state_dict`` is collective). The frozen verifier is loaded whole, or with
+``verifier.shard`` its decoder layers are sharded across the processes (``sharded_verifier``).
 """
 
 from __future__ import annotations
@@ -124,14 +125,7 @@ class TrainingRun:
         if self.main and self.progress:
             print(f"[specheads] the drafter trains in {str(self.compute_dtype).replace('torch.', '')} ({why}; weights and optimizer "
                   "state in float32)", flush=True)
-        if verifier is None:
-            from ..verifier import load_verifier
-
-            with _loaded_whole():
-                # float32_head off: training reads hidden states and batched argmaxes, where the head's
-                # float32 refinement of near-ties only costs time (a batch of rows often holds one)
-                verifier = load_verifier(self.recipe.verifier.name, dtype=self.recipe.verifier.dtype, device=acc.device, float32_head=False,
-                                         trust_remote_code=self.recipe.verifier.trust_remote_code)
+        verifier = self._verifier(verifier)
         check_recipe_for_verifier(self.recipe, verifier)
         if datasets is None:
             from .pipeline import prepare_datasets
@@ -143,6 +137,36 @@ class TrainingRun:
             raise SpecHeadsError("the training dataset is empty")
         self.fields = resume_fields(self.recipe, len(self.train_ds))
         self.pad_id = (verifier.eos_token_ids or [0])[0]
+
+    def _verifier(self, verifier=None):
+        """The frozen verifier: loaded whole on every process, or with ``verifier.shard`` and several
+        processes its decoder layers sharded across them (``sharded_verifier``); one passed in is
+        sharded in place."""
+        section, acc = self.recipe.verifier, self.accelerator
+        shard = section.shard != "none" and self.P > 1
+        if section.shard != "none" and self.P == 1 and self.main and self.progress:
+            print(f"[specheads] verifier.shard {section.shard}: one process, so the verifier is loaded whole", flush=True)
+        if verifier is None:
+            from ..verifier import load_verifier
+            from .sharded_verifier import load_sharded_verifier
+
+            with _loaded_whole():
+                if shard:
+                    verifier = load_sharded_verifier(section, acc)
+                else:
+                    # float32_head off: training reads hidden states and batched argmaxes, where the head's
+                    # float32 refinement of near-ties only costs time (a batch of rows often holds one)
+                    verifier = load_verifier(section.name, dtype=section.dtype, device=acc.device, float32_head=False,
+                                             trust_remote_code=section.trust_remote_code)
+        elif shard:
+            from .sharded_verifier import shard_verifier
+
+            verifier = shard_verifier(verifier, section.shard, acc)
+        if shard and self.progress:
+            from .sharded_verifier import sharded
+
+            acc.print(f"[specheads] {sharded(verifier.model).describe()}")
+        return verifier
 
     def data_ready(self) -> str:
         """--data-only: the data is self-distilled and split; say where, and train nothing."""
@@ -528,8 +552,9 @@ def _save_tuned_verifier(accelerator, module, verifier, path: str) -> None:
 @contextlib.contextmanager
 def _loaded_whole():
     """Load the frozen verifier whole, not partitioned by ZeRO-3: it is not trained, and the
-    drafter reads its LM head. transformers partitions any model loaded while a ZeRO-3 config is
-    registered, so the registration is lifted for the load."""
+    drafter reads its LM head (``verifier.shard`` shards its layers afterwards, itself).
+    transformers partitions any model loaded while a ZeRO-3 config is registered, so the
+    registration is lifted for the load."""
     try:
         from transformers.integrations import deepspeed as hf_ds
     except ImportError:

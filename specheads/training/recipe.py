@@ -25,6 +25,10 @@ class VerifierSection:
     # teacher distributions 3x faster on an AVX512-BF16 CPU than in float32), float32 elsewhere
     dtype: str = "auto"
     trust_remote_code: bool = False
+    # Several processes: none = the frozen verifier whole on each; fsdp (FSDP2) / zero3 (DeepSpeed
+    # ZeRO-3) = its decoder layers sharded across them, gathered a layer at a time for each forward
+    # (training.sharded_verifier). One process: no effect.
+    shard: str = "none"
 
 
 STUDENT_SOURCES = ("verifier_layers", "model", "config")
@@ -268,6 +272,9 @@ class Recipe:
             if not ok:
                 raise SpecHeadsError(f"recipe value {key}={value!r} is out of range")
         self._check_kind_specific()
+        from .sharded_verifier import check_recipe as check_shard
+
+        check_shard(self)
         if hasattr(kind, "check_recipe"):
             kind.check_recipe(self)
         if d.self_distill is None and not d.conversations:

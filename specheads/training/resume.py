@@ -25,8 +25,9 @@ TRAINER_STATE = "trainer_state.json"
 # What --resume --force may change: where training stops and what it reports, never what a step
 # computes from the data (max_steps does re-stretch the cosine schedule from the resumed step on).
 SAFE_TO_CHANGE = ("training.max_steps", "training.eval_every", "training.save_every", "training.log_every")
-# Not recorded at all: where files go, and the hidden-state cache, which changes no value.
-_NOT_RECORDED = ("training.output_dir", "training.cache_hidden_states", "training.hidden_cache_dir", "verifier.trust_remote_code")
+# Not recorded at all: where files go, and the hidden-state cache and the verifier's sharding, which change no value.
+_NOT_RECORDED = ("training.output_dir", "training.cache_hidden_states", "training.hidden_cache_dir", "verifier.trust_remote_code",
+                 "verifier.shard")
 
 
 def save_checkpoint(accelerator, objective, module, output_dir: str, step: int, trainer_state: dict) -> None:

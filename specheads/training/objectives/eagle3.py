@@ -24,6 +24,7 @@ from ...draft_vocab import build_token_map
 from ...drafters.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_d2t, init_from_verifier, save_eagle3
 from ...errors import SpecHeadsError
 from ..features import UNKNOWN_ARGMAX, FeatureStore, tokens_key
+from ..sharded_verifier import all_agree
 
 LOSSES = ("soft",)
 RANKS = 4  # choices per step counted at evaluation (what a tree of top-k children could accept)
@@ -111,7 +112,8 @@ class Eagle3Objective:
             lengths = batch["attention_mask"].sum(1).tolist()
             rows = ids.tolist()
             keys = [tokens_key(r[:n]) for r, n in zip(rows, lengths)]
-            if all(store.has(k) for k in keys):
+            # a sharded verifier's forward runs on every process or on none (sharded_verifier.all_agree)
+            if all_agree(self.verifier.model, all(store.has(k) for k in keys)):
                 return store.get(keys, ids.shape[1], ids.device)
         model = self.verifier.model
         with torch.no_grad():

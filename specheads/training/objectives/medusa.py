@@ -8,6 +8,7 @@ from torch import nn
 from ...draft_vocab import build_token_map
 from ...drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
 from ..losses import cross_entropy, forward_kl
+from ..sharded_verifier import all_agree
 
 LOSSES = ("ce", "kl")  # the first is the default
 
@@ -81,7 +82,8 @@ class MedusaObjective:
         cache = self.hidden_cache if m.tuned_verifier is None and "index" in batch else None
         if cache is not None:
             indices = batch["index"].tolist()
-            if cache.has(indices):
+            # a sharded verifier's forward runs on every process or on none (sharded_verifier.all_agree)
+            if all_agree(self.verifier.model, cache.has(indices)):
                 hidden = cache.load(indices, batch["input_ids"].shape[1], batch["input_ids"].device)
                 logits = self.verifier.model.get_output_embeddings()(hidden) if self.cfg.loss == "kl" else None
                 return hidden, logits
