@@ -17,7 +17,11 @@ accepted path reached depth d + 1.
 What is verified each step is chosen by goodput control (``goodput.py``, the default): the
 drafters' proposals (a hybrid drafter's parts, merged into one tree) are cut to the nodes worth
 their verify cost on this machine, possibly none, and a drafter that does not pay for its own time
-is not run. ``control="fixed"`` verifies every proposed node, for experiments.
+is not run. A hybrid's parts run one at a time, the cheap lookups first, and each costly part only
+when it is expected to add more than its drafting time costs beside what the earlier parts
+offered. A part that was not run reads, when it next runs, the verifier rows of every step it
+missed (an EAGLE-3 drafter's cache then catches up on the accepted tokens). ``control="fixed"``
+verifies every proposed node, for experiments.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 
 from ..errors import SpecHeadsError
 from .candidates import Candidates, DraftContext
-from .goodput import Calibrator, GoodputController, Selection, merge
+from .goodput import Calibrator, GoodputController, Origin, Selection, merge
 from .kv_cache import (attention_layers, cache_kwargs, can_record_past, keep_positions, new_cache, no_router_outputs, record_for_rollback,
                        truncate_cache)
 from .metrics import DecodingStats
@@ -78,6 +82,7 @@ class SpeculativeDecoder:
         control: str = "goodput",
         cost=None,
         typical_acceptance: dict | None = None,
+        clock=None,
     ):
         """``num_draft_tokens``: the deepest draft (chain length or tree depth). ``control``:
         ``"goodput"`` (default) lets ``goodput.GoodputController`` choose each step what to verify
@@ -86,7 +91,8 @@ class SpeculativeDecoder:
         (``cost(q) -> ms``, ``cost.observe(q, seconds)``; by default measured once per machine);
         ``"fixed"`` verifies whatever the drafter proposes at ``num_draft_tokens``, for experiments.
         ``typical_acceptance``: None (default, lossless) or Medusa's LOSSY typical acceptance
-        for sampled decoding, e.g. ``{"posterior_threshold": 0.09, "posterior_alpha": 0.3}``."""
+        for sampled decoding, e.g. ``{"posterior_threshold": 0.09, "posterior_alpha": 0.3}``.
+        ``clock``: seconds, ``time.perf_counter`` by default (tests give drafters a fixed cost)."""
         if control not in CONTROLS:
             raise SpecHeadsError(f"control must be one of {', '.join(CONTROLS)}, got {control!r}")
         self.typical = typical_acceptance
@@ -95,6 +101,9 @@ class SpeculativeDecoder:
         self.drafter = drafter
         # A hybrid drafter is several drafters whose candidate trees are merged each step.
         self.parts = [] if drafter is None else list(getattr(drafter, "parts", None) or [drafter])
+        # A hybrid's parts by name in its stats (``DecodingStats.parts``); a lone drafter has none.
+        self._part_names = list(getattr(drafter, "labels", None) or [p.name for p in self.parts]) if len(self.parts) > 1 else []
+        self._clock = clock or time.perf_counter
         if num_draft_tokens < 0:
             raise SpecHeadsError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
         self.num_draft_tokens = num_draft_tokens
@@ -203,7 +212,7 @@ class SpeculativeDecoder:
             controller = GoodputController(self.cost_curve(), len(parts), calibrator=self._calibrator,
                                            priors=[getattr(p, "acceptance_prior", None) for p in parts])
         stats = DecodingStats()
-        start = time.perf_counter()
+        start = self._clock()
 
         # Prefill: run the prompt, emit the first token.
         cache = new_cache(self.model)
@@ -224,37 +233,46 @@ class SpeculativeDecoder:
             self._add_hidden(backlog, tuple(h[0] for h in self._declared_all(out.hidden_states)))
         tokens = prompt_ids + [first]
         new = [first]
-        stats.prefill_s = time.perf_counter() - start
+        stats.prefill_s = self._clock() - start
         _, finish = self._cut_at_stop([first], [], eos, stop_strings)
         if finish is None and len(new) >= max_new_tokens:
             finish = "length"
         for part in parts:
             part.start(prompt_ids)
 
+        clock = self._clock
         while finish is None:
             # Never draft past max_new_tokens: a step emits at most k + 1 tokens.
             k = min(self.num_draft_tokens, max_new_tokens - len(new) - 1) if drafting else 0
-            t0 = time.perf_counter()
-            run = (controller.plan() if controller is not None else list(range(len(parts)))) if k > 0 else []
-            proposals, draft_s, levels = [], {}, {}
-            for i in run:
-                ts = time.perf_counter()
+            t0 = clock()
+            proposals, draft_s, matches = [], {}, {}
+            if controller is not None:
+                controller.begin()
+            # Goodput control considers the parts cheapest first and runs each only if it pays
+            # beside what the parts before it proposed; a skipped part's verifier rows wait in its backlog.
+            for i in (controller.order() if controller is not None else range(len(parts))) if k > 0 else ():
+                if controller is not None and not controller.should_run(i):
+                    continue
+                ts = clock()
                 ctx = DraftContext(list(tokens), k, sampling, generator, self._take_hidden(backlog, i),
                                    keep_going=controller.keep_going(i) if controller is not None else None)
                 # A copy of the tokens: a drafter that edits ctx.tokens must not change what the engine verifies.
-                proposals.append((i, _clip(parts[i].propose(ctx), k)))
-                draft_s[i], levels[i] = time.perf_counter() - ts, ctx.levels_drafted
-            if controller is not None:
-                sel = controller.select(proposals, draft_s, levels)
-            else:
-                sel = _unselected(proposals)
+                proposal = _clip(parts[i].propose(ctx), k)
+                draft_s[i], matches[i] = clock() - ts, _match_length(parts[i])
+                proposals.append((i, proposal))
+                if controller is not None:
+                    controller.add(i, proposal, draft_s[i], ctx.levels_drafted, matches[i])
+            sel = controller.select() if controller is not None else _unselected(proposals, matches)
             cands = sel.candidates
-            t1 = time.perf_counter()
+            t1 = clock()
             step = self._chain_step if cands.is_chain else self._tree_step
             emitted, path, drafted, step_hidden = step(cands, tokens, cache, forward_kw, sampling, generator, device, wants_hidden)
-            t2 = time.perf_counter()
+            t2 = clock()
             if controller is not None:
                 controller.update(sel, path, t2 - t1)
+            if self._part_names:
+                stats.observe_parts(self._part_names, {i: len(c) for i, c in proposals}, draft_s,
+                                    [[o.source for o in origin] for origin in sel.origins], path)
             if wants_hidden:
                 self._add_hidden(backlog, step_hidden)
             kept, finish = self._cut_at_stop(emitted, new, eos, stop_strings)
@@ -273,7 +291,7 @@ class SpeculativeDecoder:
                 finish = "length"
 
         stats.new_tokens = len(new)
-        stats.total_s = time.perf_counter() - start
+        stats.total_s = self._clock() - start
         text = self.verifier.decode(new) if getattr(self.verifier, "tokenizer", None) is not None else None
         return GenerationOutput(prompt_ids=prompt_ids, token_ids=new, finish_reason=finish, stats=stats, text=text,
                                 margins=margins, top_logits=top_logits)
@@ -454,14 +472,23 @@ def _clip(cands: Candidates, k: int) -> Candidates:
     return subtree(cands, keep)
 
 
-def _unselected(proposals: list[tuple[int, Candidates]]) -> Selection:
+def _unselected(proposals: list[tuple[int, Candidates]], matches: dict) -> Selection:
     """Fixed control: every proposed node is verified (several parts' trees merged into one)."""
+    run = [i for i, _ in proposals]
     proposals = [(i, c) for i, c in proposals if len(c)]
     if not proposals:
-        return Selection(Candidates.empty(), [], [], [])
-    if len(proposals) == 1:
-        return Selection(proposals[0][1], [], [], [])
+        return Selection(Candidates.empty(), [], [], run)
+    if len(proposals) == 1:  # verified as proposed (a deterministic tree's repeated sibling tokens too)
+        i, cands = proposals[0]
+        return Selection(cands, [[Origin(i, 0, None)] for _ in range(len(cands))], [], run)
     if any(c.draft_probs is not None for _, c in proposals):
         raise SpecHeadsError("a hybrid drafter's parts sampled their drafts (draft_probs): sampled candidate sets cannot be merged")
-    merged, origins = merge(proposals)
-    return Selection(merged, origins, [], [])
+    merged, origins = merge(proposals, matches)
+    return Selection(merged, origins, [], run)
+
+
+def _match_length(drafter) -> int | None:
+    """The matched context length behind a lookup drafter's last proposal (``drafter.last``, a
+    ``SuffixMatch`` or ``NgramMatch``), None for other drafters or when nothing matched."""
+    n = getattr(getattr(drafter, "last", None), "match_length", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None

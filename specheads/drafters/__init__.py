@@ -111,13 +111,9 @@ def build_drafter(spec: str | None, verifier, **options) -> Drafter | None:
     if spec in (None, "none", "plain"):
         return None
     if isinstance(spec, str) and "+" in spec:  # a hybrid: A+B+..., each part built as if alone
-        from .hybrid import HybridDrafter
+        from .hybrid import build_hybrid
 
-        names = [s.strip() for s in spec.split("+")]
-        if not all(names) or any(n in ("none", "plain") for n in names):
-            raise SpecHeadsError(f"hybrid drafter '{spec}': name two or more drafters joined by '+', e.g. runs/x/drafter+ngram "
-                                 "(paths may not contain '+')")
-        return HybridDrafter([build_drafter(n, verifier, **_options_for(n, options)) for n in names])
+        return build_hybrid(spec, lambda n, **opts: build_drafter(n, verifier, **opts), lambda n: _options_for(n, options))
     if spec in BUILDERS:
         return BUILDERS[spec](verifier, **options)
     if isinstance(spec, str) and spec.startswith(SUFFIX_FILE):

@@ -2,14 +2,20 @@
 
 A model drafter (EAGLE-3, Medusa, a draft model) is good at ordinary text; a lookup drafter
 (n-gram prompt lookup, the suffix index) is good where the text repeats itself or earlier outputs,
-and costs next to nothing. A ``HybridDrafter`` is the list of them: the engine asks each part to
-propose, merges the proposals into one tree (a token two parts propose under the same path is one
-node) and, under goodput control, verifies only the nodes worth their cost and runs a part only
-while it pays for its own time (``decoding/goodput.py``). Named on the command line as
-``A+B+...``, e.g. ``runs/smollm2-eagle3-quick/drafter+ngram``.
+and costs next to nothing. A ``HybridDrafter`` is the list of them. The engine drives the parts
+itself under goodput control (``decoding/goodput.py``): each step the lookups propose first, a
+costly part runs only when what it is expected to add beside them pays for its drafting time (a
+long, confident suffix match leaves EAGLE-3 idle), the proposals are merged into one tree (a token
+two parts propose under the same path is one node) and only the nodes worth their verify cost are
+verified. Each part's acceptance is learned apart (per depth and rank for a model drafter, per
+match length for a lookup), and the report counts per part what it proposed, what of it was
+accepted and its drafting time (``DecodingStats.parts``). Named on the command line as
+``A+B+...``, e.g. ``runs/smollm2-eagle3-quick/drafter+ngram+suffix``.
 """
 
 from __future__ import annotations
+
+import os
 
 from ..decoding.candidates import Candidates, DraftContext
 from ..errors import SpecHeadsError
@@ -19,12 +25,16 @@ class HybridDrafter:
     name = "hybrid"
     proposes_trees = True  # merged proposals branch even when every part proposes a chain
 
-    def __init__(self, parts: list):
+    def __init__(self, parts: list, labels: list[str] | None = None):
+        """``labels``: how reports name the parts (default: their kinds, numbered where two share one)."""
         if len(parts) < 2:
             raise SpecHeadsError(f"a hybrid drafter needs at least two parts, got {len(parts)}")
         if any(isinstance(p, HybridDrafter) for p in parts):
             raise SpecHeadsError("a hybrid drafter's parts must be plain drafters, not hybrids")
+        if labels is not None and len(labels) != len(parts):
+            raise SpecHeadsError(f"a hybrid drafter of {len(parts)} parts got {len(labels)} labels")
         self.parts = list(parts)
+        self.labels = list(labels) if labels is not None else _kind_labels(self.parts)
         self.needs_hidden_states = any(p.needs_hidden_states for p in parts)
 
     @property
@@ -33,7 +43,7 @@ class HybridDrafter:
 
     def fresh(self) -> "HybridDrafter":
         """The same parts, those that learn across requests (``fresh``) without their history."""
-        return HybridDrafter([p.fresh() if hasattr(p, "fresh") else p for p in self.parts])
+        return HybridDrafter([p.fresh() if hasattr(p, "fresh") else p for p in self.parts], self.labels)
 
     def clear_history(self) -> None:
         for p in self.parts:
@@ -61,3 +71,44 @@ class HybridDrafter:
     def observe(self, num_accepted: int, emitted: list[int]) -> None:
         for p in self.parts:
             p.observe(num_accepted, emitted)
+
+
+def _kind_labels(parts: list) -> list[str]:
+    names = [p.name for p in parts]
+    return [f"{n}#{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def build_hybrid(spec: str, build, part_options) -> HybridDrafter:
+    """``--drafter A+B+...``: each part built by ``build(name, **part_options(name))`` as if alone.
+
+    Refused, with one error naming the part: an empty or ``none`` part, a part named twice (the same
+    lookup, or the same folder), and a part that cannot be built (an unknown name, a checkpoint of
+    another verifier, a corrupt file): the other parts never run alone in its place."""
+    names = [s.strip() for s in spec.split("+")]
+    if not all(names) or any(n in ("none", "plain") for n in names):
+        raise SpecHeadsError(f"hybrid drafter '{spec}': name two or more drafters joined by '+', e.g. runs/x/drafter+ngram "
+                             "(paths may not contain '+')")
+    from . import BUILDERS, SUFFIX_FILE
+
+    seen: dict[str, str] = {}
+    for n in names:  # a lookup by its name, a file or folder by where it really is
+        if n in BUILDERS:
+            key = n
+        elif n.startswith(SUFFIX_FILE):
+            key = SUFFIX_FILE + os.path.realpath(n[len(SUFFIX_FILE):])
+        else:
+            key = os.path.realpath(n)
+        if key in seen:
+            also = f" (as '{seen[key]}')" if seen[key] != n else ""
+            raise SpecHeadsError(f"hybrid drafter '{spec}' names the part '{n}' twice{also}: a part drafts once per step, so a "
+                                 "second copy would only add its drafting time")
+        seen[key] = n
+    parts = []
+    for pos, n in enumerate(names, 1):
+        try:
+            parts.append(build(n, **part_options(n)))
+        except SpecHeadsError as exc:
+            raise SpecHeadsError(f"hybrid drafter '{spec}': part {pos} '{n}' cannot be used: {exc}") from exc
+        if parts[-1] is None:
+            raise SpecHeadsError(f"hybrid drafter '{spec}': part {pos} '{n}' is no drafter")
+    return HybridDrafter(parts, names)
