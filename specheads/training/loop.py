@@ -420,15 +420,30 @@ class TrainingRun:
         if self.main:
             info = {"steps": self.step, "train_seconds": elapsed, "peak_memory": peak_memory(acc.device),
                     "history": self.history[-HISTORY_KEPT:], "recipe": asdict(self.recipe)}
+            predicted = predicted_taus(self.last_eval)
+            if predicted:
+                info["predicted_tau_chain"] = predicted
             if t.lora is not None:
                 _save_tuned_verifier(acc, self.module, self.verifier, os.path.join(t.output_dir, "verifier"))
             self.objective.save(state, final, training={"steps": self.step, "train_seconds": elapsed, "eval": self.last_eval})
             write_json_atomic(os.path.join(t.output_dir, SUMMARY), info)  # last: _finished reads it
             acc.print(f"[specheads] trained {self.step} steps in {elapsed:.0f} s; peak memory " + ", ".join(f"{k} {v:.0f} MiB" for k, v in info["peak_memory"].items()))
+            if predicted:
+                acc.print("[specheads] predicted tau of a chain of k drafts, from the held-out chain acceptance (eval/chain_acc_step*): "
+                          + ", ".join(f"k={k} {v:.2f}" for k, v in predicted.items())
+                          + " (`specheads bench --tree chain --control fixed --num-draft-tokens K` measures the served one)")
             acc.print(f"[specheads] drafter checkpoint: {final}")
         acc.wait_for_everyone()
         acc.end_training()
         return final
+
+
+def predicted_taus(evaluation: dict) -> dict[int, float]:
+    """{k: the predicted tau of a chain of k drafts} from an evaluation's ``eval/tau_pred_k{k}``
+    (objectives that record chain acceptance: EAGLE-3); empty for others."""
+    prefix = "eval/tau_pred_k"
+    found = {int(key[len(prefix):]): v for key, v in evaluation.items() if key.startswith(prefix) and v is not None}
+    return dict(sorted(found.items()))
 
 
 def training_dtype(name: str, device) -> tuple[torch.dtype, str]:

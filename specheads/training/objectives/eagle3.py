@@ -31,6 +31,20 @@ RANKS = 4  # choices per step counted at evaluation (what a tree of top-k childr
 EVAL_STEPS = 5  # draft steps evaluated at least (a chain of 5 for the chain-tau estimate)
 
 
+def predicted_chain_tau(chain_acceptance, k: int) -> float | None:
+    """The tau of a greedy chain of ``k`` drafts: 1 + sum over i < k of prod over j <= i of a_j,
+    where a_j (``chain_acceptance``, ``eval/chain_acc_step{j}``) is step j's acceptance given
+    every earlier step was accepted; a verify step emits its accepted drafts and the verifier's
+    own token. None when fewer than ``k`` steps were evaluated."""
+    if k < 0 or k > len(chain_acceptance):
+        return None
+    tau, run = 1.0, 1.0
+    for a in list(chain_acceptance)[:k]:
+        run *= float(a)
+        tau += run
+    return tau
+
+
 def check_recipe(recipe) -> None:
     o, dr = recipe.objective, recipe.drafter
     for key, value, ok in (
@@ -252,6 +266,9 @@ class Eagle3Objective:
         out["eval/top4_step0"] = float(acc[0].sum())
         # Chain tau implied by teacher-forced greedy data: 1 + mean run of consecutive hits.
         out["eval/tau_chain"] = 1.0 + float(counts["run_sum"]) / max(1, int(counts["positions"]))
+        if chain is not None:
+            # What serving a chain of k drafts should measure (bench --tree chain --control fixed -k K)
+            out.update({f"eval/tau_pred_k{k}": predicted_chain_tau(chain.tolist(), k) for k in range(1, len(chain) + 1)})
         return out
 
     # -- the drafter checkpoint -------------------------------------------------------------
