@@ -459,6 +459,7 @@ def generate_self_distillation(
     gen = _Generation(verifier, max_new_tokens, temperature, top_p, seed, batch_size, capture)
     manifest = _open_folder(output_dir, _verifier_info(verifier), gen.settings)
     procs = _Processes(accelerator)
+    procs.barrier()  # every process has checked the folder before the main process writes in it
     if procs.is_main:
         (output_dir / SHARDS).mkdir(parents=True, exist_ok=True)
         _clean_tmp(output_dir)
