@@ -282,6 +282,8 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
             entry["mean_draft_length"] = s.mean_draft_length
             entry["mean_nodes"] = s.mean_nodes
             entry["plain_steps"] = s.plain_steps
+            if s.parts:  # a hybrid: what each part drafted, what of it was accepted, its time
+                entry["parts"] = s.parts_report()
             entry["time_per_step_s"] = {"verify": s.verify_s / s.verify_steps, "draft": s.draft_s / s.verify_steps}
             if t1:
                 # What this tau could give if nothing but the forwards cost time.
@@ -434,6 +436,23 @@ def _markdown_side_by_side(report: dict) -> list[str]:
             variant = ", ".join(t for t in (variant, f"k={m['num_draft_tokens']}") if t)
         lines.append(f"| {name} | {m.get('drafter') or '-'} | {variant or '-'} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | "
                      f"{tau} | {acc} | {ident} |")
+    return lines + _parts_lines(report)
+
+
+def _parts_lines(report: dict) -> list[str]:
+    """Per part of each hybrid method: the share of steps it ran in, its drafting time, the nodes it
+    proposed, of those verified and accepted, and the share of all accepted draft tokens it proposed."""
+    rows = [(name, m["parts"]) for name, m in report["methods"].items() if m.get("parts")]
+    if not rows:
+        return []
+    lines = ["", "hybrid parts (share of accepted: of all accepted draft tokens, those the part proposed; a token several "
+             "parts proposed counts for each, `alone` for none but this one):", "",
+             "| method | part | ran in steps | draft ms per run | proposed | verified | accepted | share of accepted | alone |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, parts in rows:
+        for p in parts:
+            lines.append(f"| {name} | {p['name']} | {p['run_fraction']:.0%} | {p['draft_ms_per_run']:.2f} | {p['proposed']} | "
+                         f"{p['verified']} | {p['accepted']} | {p['accepted_share']:.0%} | {p['accepted_alone_share']:.0%} |")
     return lines
 
 
@@ -487,6 +506,7 @@ def markdown_table(report: dict) -> str:
     for name, m in report["methods"].items():
         acc, tau, ident = _cells(m)
         lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {tau} | {acc} | {ident} |")
+    lines += _parts_lines(report)
     best = report.get("best_draft_length") or {}
     if best:
         lines.append("")

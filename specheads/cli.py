@@ -296,6 +296,10 @@ def cmd_generate(args) -> int:
         f"finish: {out.finish_reason}]",
         file=sys.stderr,
     )
+    for p in s.parts_report():  # a hybrid: each part's share of the work
+        print(f"[part {p['name']}: ran in {p['run_fraction']:.0%} of steps, {p['draft_ms_per_run']:.2f} ms per draft, "
+              f"{p['proposed']} tokens proposed, {p['accepted']} accepted ({p['accepted_share']:.0%} of accepted drafts)]",
+              file=sys.stderr)
     return 0
 
 
