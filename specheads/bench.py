@@ -111,6 +111,39 @@ def drafter_info(entry: BenchDrafter) -> dict:
     return info
 
 
+def _timed_drafter(drafter, cfg: BenchConfig, r: MethodResult):
+    """The drafter object a speculative method ran (its variant of its entry), or None."""
+    for e in bench_drafters(drafter, cfg):
+        if e.label == r.drafter:
+            return (e.variants or {None: e.drafter}).get(r.variant)
+    return None
+
+
+def predicted_tau(d, k: int, control: str) -> dict | None:
+    """What training predicted for ``d`` at draft length ``k`` (a drafter whose training recorded
+    its chain acceptance, ``acceptance_prior``: EAGLE-3), and whether the tau measured is the same
+    configuration: only a chain under fixed control verifies k drafts every step, as the prediction
+    assumes. None for other drafters."""
+    prior = getattr(d, "acceptance_prior", None)
+    if not prior or getattr(d, "parts", None):
+        return None
+    from .training.objectives.eagle3 import predicted_chain_tau
+
+    chain = getattr(d, "tree", "chain") == "chain"
+    if chain and control == "fixed":
+        compared = f"the same configuration (a chain of {k} drafts, fixed control)"
+    else:
+        differs = ([] if chain else ["a tree, whose accepted path may leave the top-1 chain (expect more than the chain's)"]) + (
+            [] if control == "fixed" else ["goodput control, which verifies fewer drafts where they do not pay (expect less)"])
+        compared = ("NOT the same configuration: " + "; ".join(differs)
+                    + f"; `--tree chain --control fixed --num-draft-tokens {k}` measures the chain's")
+    tau = predicted_chain_tau(prior, k)
+    if tau is None:
+        compared = f"training evaluated {len(prior)} steps, fewer than k={k}"
+    return {"k": k, "tau": tau, "comparable": chain and control == "fixed" and tau is not None, "compared": compared,
+            "chain_acceptance": [round(a, 4) for a in prior[:k]]}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -218,6 +251,7 @@ def run_benchmark(verifier, drafter, encoded: list[list[int]], cfg: BenchConfig,
         for name, run in methods.items()
     }
     device = verifier.device
+    tie = tie_rule(verifier) if cfg.sampling.greedy else None
     # Warm-up: one short run of each method (allocator, kernels, lazy init) that is not counted.
     for run in methods.values():
         run(encoded[0][:64], cfg.seed)
@@ -243,10 +277,35 @@ def run_benchmark(verifier, drafter, encoded: list[list[int]], cfg: BenchConfig,
                 if r.stats is None:
                     r.stats = DecodingStats()
                 r.stats.merge(stats)
-    return make_report(verifier, drafter, encoded, results, cfg)
+    return make_report(verifier, drafter, encoded, results, cfg, tie=tie)
 
 
-def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cfg: BenchConfig) -> dict:
+def tie_rule(verifier, *, measure: bool | None = None) -> dict:
+    """How this run tells numerical ties from mismatches: the bound measured for this verifier as it
+    runs here (``decoding.tie_bound``: stored, or measured now when ``measure``, by default in a
+    reduced precision), else the ulps rule alone. Returns the stored record plus ``source``, or
+    ``{"bound": None, "source": "ulps"}``."""
+    from .decoding.tie_bound import QUICK, stored_tie_bound, tie_bound_for
+
+    if measure is None:
+        measure = verifier.dtype != torch.float32
+    # a quick measurement (a few seconds); `specheads calibrate` stores the full one
+    entry = tie_bound_for(verifier, **QUICK) if measure else stored_tie_bound(verifier)
+    return entry or {"bound": None, "source": "ulps"}
+
+
+def describe_tie_rule(tie: dict | None, dtype: str) -> str:
+    """The rule in words, e.g. for the report's header line."""
+    ulps = f"{TIE_ULPS} ulps of the top-1 logit in {dtype}"
+    if not tie or tie.get("bound") is None:
+        return f"a difference is a tie where plain decoding's top-2 logit gap there is below {ulps} (no tie bound measured for this verifier)"
+    from .decoding.tie_bound import describe
+
+    return f"a difference is a tie where plain decoding's top-2 logit gap there is below {describe(tie)}, or {ulps} if larger"
+
+
+def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cfg: BenchConfig, tie: dict | None = None) -> dict:
+    """The report dict. ``tie``: ``tie_rule``'s record (None: the ulps rule alone)."""
     plain = results["plain"]
     greedy = cfg.sampling.greedy
     t1 = plain.stats.verify_s / plain.stats.verify_steps if plain.stats and plain.stats.verify_steps else None
@@ -269,9 +328,13 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
             entry["identical_fraction"] = sum(same) / len(same)
             entry["identical_to_verifier"] = all(same)
             entry["first_mismatch_positions"] = [first_difference(a, b) for a, b in zip(r.outputs, reference) if a != b]
-            entry.update(classify_differences(r.outputs, reference, plain.margins, plain.top_logits, verifier.dtype))
+            entry.update(classify_differences(r.outputs, reference, plain.margins, plain.top_logits, verifier.dtype,
+                                              measured=(tie or {}).get("bound")))
         if r.num_draft_tokens is not None:
             entry["num_draft_tokens"] = r.num_draft_tokens
+            prediction = predicted_tau(_timed_drafter(drafter, cfg, r), r.num_draft_tokens, cfg.control)
+            if prediction:
+                entry["predicted_tau"] = prediction
         for key in ("drafter", "variant", "detail"):
             if getattr(r, key) is not None:
                 entry[key] = getattr(r, key)
@@ -320,23 +383,31 @@ def make_report(verifier, drafter, encoded, results: dict[str, MethodResult], cf
         "num_draft_tokens": list(cfg.num_draft_tokens),
         "control": cfg.control,
         "typical_acceptance_LOSSY": cfg.typical_acceptance,
+        # greedy runs: the bound that tells numerical ties from mismatches, and how it was found
+        "tie_bound": (dict(tie or {"bound": None, "source": "ulps"}, ulps=TIE_ULPS,
+                           rule=describe_tie_rule(tie, str(verifier.dtype).replace("torch.", ""))) if greedy else None),
         "methods": methods,
         "best_draft_length": best_draft_lengths(results, methods),
     }
 
 
 # A difference from plain decoding is a numerical tie when plain decoding's top-1 minus top-2 logit
-# at the first differing token is below TIE_ULPS units in the last place of its top-1 logit in the
-# verifier's dtype: a forward over several tokens rounds differently from one over a single token,
-# by at most half that in what docs/bench.md measured. bfloat16 at a top logit of 20: 4 * 2**-7 * 16
-# = 0.5; float32: 4 * 2**-23 * 16 = 7.6e-6, so float32 outputs are held to exact.
+# at the first differing token is below the bound measured for this verifier, dtype and machine
+# (decoding/tie_bound.py: how far q-token verify forwards move that gap from 1-token ones, with a
+# safety factor), or below TIE_ULPS units in the last place of its top-1 logit in the verifier's
+# dtype if that is larger (the floor, and the rule alone where no bound was measured). bfloat16
+# SmolLM2 moved gaps by far more than 4 ulps (docs/bench.md); float32's measured bound is float32
+# noise, so float32 outputs are still held to exact. 4 ulps: bfloat16 at a top logit of 20,
+# 4 * 2**-7 * 16 = 0.5; float32, 4 * 2**-23 * 16 = 7.6e-6.
 TIE_ULPS = 4
 
 
-def tie_bound(dtype: torch.dtype, top_logit: float) -> float:
-    """TIE_ULPS units in the last place of ``top_logit`` in ``dtype`` (eps * 2**floor(log2|top_logit|) each)."""
+def tie_bound(dtype: torch.dtype, top_logit: float, measured: float | None = None) -> float:
+    """The larger of ``measured`` (a measured bound, or None) and TIE_ULPS units in the last place
+    of ``top_logit`` in ``dtype`` (eps * 2**floor(log2|top_logit|) each)."""
     finfo = torch.finfo(dtype)
-    return TIE_ULPS * finfo.eps * 2.0 ** math.floor(math.log2(max(abs(top_logit), finfo.tiny)))
+    ulps = TIE_ULPS * finfo.eps * 2.0 ** math.floor(math.log2(max(abs(top_logit), finfo.tiny)))
+    return ulps if measured is None else max(ulps, float(measured))
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -344,13 +415,14 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def classify_differences(outputs, reference, margins, top_logits, dtype: torch.dtype) -> dict:
+def classify_differences(outputs, reference, margins, top_logits, dtype: torch.dtype, measured: float | None = None) -> dict:
     """Each output against its reference: exact, a numerical tie or a mismatch.
 
     ``margins`` / ``top_logits``: per prompt, plain decoding's top-2 gap and top-1 logit per new
-    token (``GenerationOutput.margins``). Returns ``identity`` ("exact", "ties" when every
-    difference is a tie, else "mismatch"), ``identity_counts`` and one entry of ``differences``
-    per differing output (prompt, position, gap, top_logit, bound, tie)."""
+    token (``GenerationOutput.margins``); ``measured``: the verifier's measured tie bound, or None
+    (``tie_bound``). Returns ``identity`` ("exact", "ties" when every difference is a tie, else
+    "mismatch"), ``identity_counts`` and one entry of ``differences`` per differing output
+    (prompt, position, gap, top_logit, bound, tie)."""
     differences = []
     for i, (a, b) in enumerate(zip(outputs, reference)):
         if a == b:
@@ -359,7 +431,7 @@ def classify_differences(outputs, reference, margins, top_logits, dtype: torch.d
         # no margin recorded there (an output that stopped early): nothing excuses the difference
         gap = margins[i][j] if i < len(margins) and j < len(margins[i]) else None
         top = top_logits[i][j] if gap is not None else None
-        bound = tie_bound(dtype, top) if top is not None else None
+        bound = tie_bound(dtype, top, measured) if top is not None else None
         differences.append({"prompt": i, "position": j, "gap": gap, "top_logit": top, "bound": bound,
                             "tie": gap is not None and gap < bound})
     ties = sum(d["tie"] for d in differences)
@@ -480,6 +552,27 @@ def _cells(m: dict) -> tuple[str, str, str]:
     return acc, tau, ident
 
 
+def _identity_lines(report: dict) -> list[str]:
+    """The tie rule of a greedy run, below its table."""
+    tie = report.get("tie_bound")
+    return ["", f"identity: {tie['rule']}"] if tie and tie.get("rule") else []
+
+
+def _prediction_lines(report: dict) -> list[str]:
+    """Training's predicted chain tau beside the tau measured, per method of a drafter that recorded it."""
+    rows = [(name, m["predicted_tau"]) for name, m in report["methods"].items() if m.get("predicted_tau")]
+    if not rows:
+        return []
+    lines = ["", "predicted vs measured tau (predicted from training's held-out chain acceptance a_j, `eval/chain_acc_step*`: "
+             "tau(k) = 1 + sum over i < k of a_0 x ... x a_i):"]
+    for name, p in rows:
+        measured = report["methods"][name]["tau"]
+        predicted = "-" if p["tau"] is None else f"{p['tau']:.2f}"
+        lines.append(f"- `{name}`: predicted chain tau (k={p['k']}) {predicted}, measured tau "
+                     f"{'-' if measured is None else f'{measured:.2f}'}: {p['compared']}")
+    return lines
+
+
 def markdown_table(report: dict) -> str:
     if len(report.get("drafters") or []) > 1:
         lines = _markdown_side_by_side(report)
@@ -490,6 +583,7 @@ def markdown_table(report: dict) -> str:
         for key, b in best.items():
             lines.append(f"best draft length ({key}) by measured speedup: k={b['num_draft_tokens']} "
                          f"(`{b['method']}`, {b['speedup']:.2f}x, tau {b['tau']:.2f})")
+        lines += _prediction_lines(report) + _identity_lines(report)
         return "\n".join(lines) + "\n"
     lines = [
         f"verifier `{report['verifier']}`, drafter `{report['drafter']}`"
@@ -514,6 +608,7 @@ def markdown_table(report: dict) -> str:
         who = "" if key == "drafter" else f" ({key})"
         lines.append(f"best draft length{who} by measured speedup: k={b['num_draft_tokens']} "
                      f"(`{b['method']}`, {b['speedup']:.2f}x, tau {b['tau']:.2f})")
+    lines += _prediction_lines(report) + _identity_lines(report)
     return "\n".join(lines) + "\n"
 
 

@@ -429,7 +429,7 @@ def run_calibrate(args) -> dict:
     load, cores = load_average(), os.cpu_count() or 1
     busy = load is not None and load > cores
     print(f"[specheads] calibrate: 1-minute load average {'unknown' if load is None else f'{load:.2f}'} on {cores} cores"
-          + (": the machine is busy, so nothing measured now is stored" + (" (--force stores it anyway)" if not args.force_store else "")
+          + (": the machine is busy, so no timing measured now is stored" + (" (--force stores it anyway)" if not args.force_store else "")
              if busy else ""), file=sys.stderr, flush=True)
     if args.cpu_linears == "tune":
         args.cpu_linears = "retune"  # calibrating means measuring again
@@ -443,12 +443,18 @@ def run_calibrate(args) -> dict:
              + ("stored" if curve.source == "measured" else "NOT stored (see above)"))
     print(title)
     print(format_rows(rows))
+    # how far q-token forwards move the logits: load cannot change it, so it is stored always
+    from .decoding.tie_bound import describe, tie_bound_for
+
+    tie = tie_bound_for(verifier, remeasure=True, progress=True)
+    tie_line = f"tie bound (bench: a difference from plain decoding is a numerical tie below it): {describe(tie)}, stored"
+    print(tie_line)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"{title}\n\n{format_rows(rows, markdown=True)}\n")
+            f.write(f"{title}\n\n{format_rows(rows, markdown=True)}\n\n{tie_line}\n")
         print(f"markdown: {args.markdown}")
     return {"title": title, "rows": rows, "curve": curve, "stored": curve.source == "measured",
-            "markdown": format_rows(rows, markdown=True)}
+            "markdown": format_rows(rows, markdown=True), "tie_bound": tie}
 
 
 def cmd_calibrate(args) -> int:
@@ -463,7 +469,11 @@ Measure again what specheads keeps per machine, for the given --verifier, --dtyp
   - on CPU, the CPU-linears choice (packed or streamed weights per token count; --cpu-linears
     packed skips it), kept in cpu_linears.json in the specheads cache;
   - the verifier's forward cost per token count q (on a cache of 256 tokens), which sizes
-    `--tree auto` and seeds the engine's cost model, kept in verify_cost.json.
+    `--tree auto` and seeds the engine's cost model, kept in verify_cost.json;
+  - the tie bound: how far verify forwards of q = 2..64 tokens move the top-2 logit gap from
+    plain decoding's 1-token forwards (a few prompts decoded both ways), times a safety factor;
+    bench counts a difference from plain decoding as a numerical tie below it. Kept in
+    tie_bound.json, always: load changes timings, not logits.
 
 Each is timed in interleaved rounds until every median moves less than 3% per round (or
 --max-seconds run out), and the cost is fitted non-decreasing in q. Nothing is stored when the

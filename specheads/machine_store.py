@@ -14,7 +14,8 @@ what it depends on) only when it was taken on a quiet machine:
 - the medians settled (each moved less than the tolerance in the last rounds) before the cap.
 
 Otherwise the run uses the result for itself only and says why on stderr, naming the load and the
-spread. A stored entry that fails its kind's check (unreadable JSON, a hand edit, an older format)
+spread. A measurement that load cannot change (``decoding.tie_bound``: how far logits move between
+forwards of different sizes) gives no reason to refuse it and is kept always. A stored entry that fails its kind's check (unreadable JSON, a hand edit, an older format)
 is measured again, with a message saying so.
 """
 
@@ -195,6 +196,13 @@ def _read(store: Path) -> tuple[dict, str | None]:
     if not isinstance(known, dict):
         return {}, f"holds a JSON {type(known).__name__}, not an object of entries"
     return known, None
+
+
+def stored_entry(store: str | os.PathLike, key: str, check: Callable[[Any], str | None] | None = None) -> Any | None:
+    """The entry stored under ``key`` that passes ``check``, or None; measures nothing."""
+    known, _ = _read(Path(store))
+    entry = known.get(key)
+    return entry if entry is not None and (check is None or check(entry) is None) else None
 
 
 def measured_once(store: str | os.PathLike, key: str, measure: Callable[[], tuple[Any, str | None]], *,

@@ -53,11 +53,15 @@ def test_calibrate_on_a_busy_machine_measures_prints_and_refuses_to_store(tiny_v
     monkeypatch.setattr("specheads.machine_store.load_average", lambda: 99.0)
     assert calibrate(tiny_verifier) == 0
     out, err = capsys.readouterr()
-    assert "load average 99.00" in err and "the machine is busy, so nothing measured now is stored" in err
+    assert "load average 99.00" in err and "the machine is busy, so no timing measured now is stored" in err
     assert "not storing the CPU-linears choice" in err and "not storing the verifier cost per token count" in err
     assert "the 1-minute load average was 99.00" in err
     assert "NOT stored" in out and set(table_rows(out)) == {1, 2}
     assert not (cache / "verify_cost.json").exists() and not (cache / "cpu_linears.json").exists()
+    # logits do not depend on load: the tie bound is printed and stored all the same
+    (tie,) = json.loads((cache / "tie_bound.json").read_text()).values()
+    assert f"tie bound (bench: a difference from plain decoding is a numerical tie below it): {tie['bound']:.3g} = 2 x" in out
+    assert tie["positions"] > 100 and tie["bound"] == pytest.approx(2 * tie["max_gap_change"])  # dtype auto: as --dtype chose
 
 
 def test_calibrate_force_stores_and_writes_markdown(tiny_verifier, cache, monkeypatch, capsys, tmp_path):
@@ -74,7 +78,7 @@ def test_calibrate_force_stores_and_writes_markdown(tiny_verifier, cache, monkey
     assert set(entry["ms"]) == {"1", "2"} and entry["context"] == 256
     assert (cache / "cpu_linears.json").exists()
     text = md.read_text()
-    assert "| q | ms (fitted) |" in text and "\n| 2 |" in text and "stored" in text
+    assert "| q | ms (fitted) |" in text and "\n| 2 |" in text and "stored" in text and "tie bound" in text
 
 
 def test_calibrate_refuses_bad_sizes(tiny_verifier, cache, capsys):
