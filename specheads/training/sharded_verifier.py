@@ -121,17 +121,21 @@ def load_sharded_verifier(section, accelerator):
     # "auto" is decided for the device that computes, not for the host memory process 0 loads into.
     torch_dtype, dtype_choice = choose_dtype(section.dtype, device)
     payload: dict = {}
-    whole = None
+    whole = failure = None
     if rank == 0:
         try:
             whole = load_verifier(section.name, dtype=torch_dtype, device="cpu", float32_head=False,
                                   trust_remote_code=section.trust_remote_code, native=lambda _: native_bf16(device))
             payload = {"files": _model_files(whole), "name": whole.name, "weights_sha256": weights_sha256(whole.model)}
-        except SpecHeadsError as exc:  # every process fails with it, not only the first
-            payload = {"error": str(exc)}
+        except Exception as exc:  # every process stops with it, instead of waiting for process 0
+            failure = exc
+            payload = {"error": str(exc) if isinstance(exc, SpecHeadsError) else f"process 0 could not load verifier "
+                       f"'{section.name}': {type(exc).__name__}: {exc}"}
     box = [payload]
     dist.broadcast_object_list(box, src=0)
     payload = box[0]
+    if failure is not None:
+        raise failure
     if "error" in payload:
         raise SpecHeadsError(payload["error"])
     with tempfile.TemporaryDirectory(prefix="specheads-verifier-") as tmp:
@@ -158,7 +162,6 @@ def shard_verifier(verifier, mode: str, accelerator):
     box = [weights_sha256(verifier.model) if accelerator.process_index == 0 else None]
     dist.broadcast_object_list(box, src=0)
     _shard(verifier.model, mode, accelerator, box[0])
-    verifier.float32_head = None
     return verifier
 
 
