@@ -228,6 +228,7 @@ class TrainingRun:
         # The scheduler stays unprepared: accelerate would step it once per process, and the schedule
         # must be the same on 1 or N processes. It is still saved and restored with the state.
         self.module, self.optimizer = acc.prepare(module, optimizer)
+        _register_fsdp_methods(self.module, self.objective, self.recipe.drafter.kind)
         acc.register_for_checkpointing(self.scheduler)
         self.ddp = self.module if isinstance(self.module, torch.nn.parallel.DistributedDataParallel) else None
         if self.ddp is not None:  # counts DDP's own forwards, after which it averages gradients itself
@@ -504,6 +505,26 @@ def _follow_schedule(scheduler) -> None:
     With the schedule unchanged this sets the same values."""
     for group, base, lam in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * lam(scheduler.last_epoch)
+
+
+def _register_fsdp_methods(module, objective, kind: str) -> None:
+    """Under FSDP2 the drafter's weights are gathered only around forward and the methods registered
+    for it: an objective whose loss calls other methods names them (``drafter_methods``); one that
+    calls submodules directly (Medusa's heads, a student's parts) cannot run sharded this way."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    if not isinstance(module, FSDPModule):
+        return
+    methods = getattr(objective, "drafter_methods", None)
+    if methods is None:
+        raise SpecHeadsError(
+            f"drafter.kind={kind} cannot be trained under FSDP (its objective calls the drafter's parts outside forward, "
+            "which FSDP2 does not gather): launch with recipes/accelerate/deepspeed_zero3_8gpu.yaml (ZeRO-3 gathers every "
+            "submodule) or DDP, and shard the frozen verifier with verifier.shard")
+    for name in methods:
+        register_fsdp_forward_method(module, name)
 
 
 def _average_gradients(params: list, processes: int) -> None:

@@ -83,6 +83,10 @@ def build(recipe, verifier, train_ds) -> "Eagle3Objective":
 
 
 class Eagle3Objective:
+    # The drafter's methods the loss calls instead of forward: FSDP2 gathers a sharded module's
+    # weights only around calls it knows of, so the loop registers these (register_fsdp_forward_method).
+    drafter_methods = ("ttt_forward", "logits")
+
     def __init__(self, verifier, drafter_cfg, objective_cfg, token_map: torch.Tensor):
         self.verifier = verifier
         cfg = Eagle3Config.from_verifier(verifier, int(token_map.numel()), drafter_cfg.aux_layer_ids, drafter_cfg.num_layers)
