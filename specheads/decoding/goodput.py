@@ -3,25 +3,33 @@
 A verify step that keeps a set S of candidate nodes emits on average ``1 + sum_{v in S} P(v)``
 tokens, where P(v) is the probability that the verifier accepts the whole path to v, and it costs
 ``draft + c(|S| + 1)`` seconds: ``draft`` is the drafting time of the drafters that ran, c the
-verifier's forward cost for q tokens (measured on this machine and refined from every step). Their
-ratio is the step's goodput; plain decoding's is ``1 / c(1)``. Each step the controller
+verifier's forward cost for q tokens (measured on this machine and refined from every step).
+
+What is maximised is the generation's goodput, its tokens over its seconds, not each step's own
+ratio: steps differ (a long lookup match, then new text), and a ratio of sums is not maximised by
+maximising each term's ratio. So every choice weighs expected tokens against seconds at the
+generation's running goodput R (``goodput``: tokens per second of its recent steps; plain
+decoding's ``1 / c(1)`` before any): a choice pays when it adds more than R times the seconds it
+adds (Dinkelbach's method for a ratio of sums). Each step the controller
 
 1. **plans** which drafters run, one at a time and cheapest first (``order``, ``should_run``):
    lookups (n-gram, suffix), which cost next to nothing, propose first; a drafter that costs time
    (EAGLE-3, Medusa, a draft model) then runs only if what it is expected to add, given what the
-   drafters before it already offer this step, pays for its drafting time. Its expected addition
-   is learned per *bucket* of that offer (the expected accepted tokens of the best selection from
-   the earlier proposals): after a long, confident suffix match the model drafter mostly proposes
-   what the lookup did and is skipped; with no match it is run. A skipped drafter is tried again
-   after 4, 8, then at most 16 skips in that bucket, since the text may have changed. A drafter
-   that drafts level by level asks ``DraftContext.keep_going`` before each level, which says yes
-   while the level's expected tokens are worth its measured time;
+   drafters before it already offer this step, pays for its drafting time and extra nodes. What it
+   adds (accepted tokens and verified nodes the earlier drafters had not proposed) is learned from
+   the verify result of every step it runs, per *bucket* of that offer (the expected accepted
+   tokens of the best selection from the earlier proposals): after a long, confident suffix match
+   the model drafter mostly proposes what the lookup did and is skipped; with no match it is run.
+   A skipped drafter is tried again after 4, 8, then at most 16 skips in that bucket, since the
+   text may have changed, and a drafter that runs but whose nodes are never verified has one
+   verified now and then. A drafter that drafts level by level asks ``DraftContext.keep_going``
+   before each level, which says yes while the level's expected tokens are worth its measured time;
 2. **selects** (``select``): the proposals are merged into one tree (a node proposed by two
    drafters is one node), P(v) is estimated for every node, and the N nodes with the highest P are
-   kept, N (0 = a plain step) maximising ``(1 + sum P) / (draft + c(N + 1))``. A child never scores
-   above its parent, so the kept nodes form a tree, and for every N they hold the largest expected
-   accepted count any N nodes of any one drafter could: the selection is never worse, by its own
-   estimates, than the best single drafter's nodes;
+   kept, N (0 = a plain step) maximising ``sum P - R c(N + 1)``. A child never scores above its
+   parent, so the kept nodes form a tree, and for every N they hold the largest expected accepted
+   count any N nodes of any one drafter could: the selection is never worse, by its own estimates,
+   than the best single drafter's nodes;
 3. **learns** (``update``): P(v) is the product down the path of each node's conditional
    acceptance (``Calibrator``), learned from what the verifier accepted: per drafter, depth and
    confidence bin (the drafter's own score, e.g. a draft probability or a suffix count ratio),
@@ -34,8 +42,8 @@ ratio is the step's goodput; plain decoding's is ``1 / c(1)``. Each step the con
 drafter). It is charged where the choice to spend it is made, before the drafter runs: against
 what the drafter adds beyond the drafters run before it. A node several drafters propose is thus
 credited to the cheapest of them (which runs first and would have proposed it anyway); a costly
-drafter earns its time only with nodes, or agreement, the cheaper ones lacked. Once drafters have
-run, their time is spent: selection counts it in every candidate N alike.
+drafter earns its time only with accepted tokens the cheaper ones had not proposed. Once drafters
+have run, their time is spent: it changes no choice of N.
 
 Selection only drops candidates, which keeps every verification rule exact: greedy verification
 accepts the verifier's own argmax path through whatever tree it is given, and the tree rejection
