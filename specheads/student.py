@@ -104,14 +104,16 @@ def _unreachable(path: str, exc: Exception) -> SpecHeadsError:
                           f"directory, and the hub (or its cache) cannot give it ({first})")
 
 
-def _config_vocab_size(path: str, *, trust_remote_code: bool = False) -> int | None:
+def _config_vocab_size(path: str, *, trust_remote_code: bool = False, local: bool | None = None) -> int | None:
     """The vocabulary size a model's config declares: a local folder's config.json, or a hub id's
     config (the hub or its cache; the weights are not fetched)."""
     if is_hub_id(path):
         from transformers import AutoConfig
 
+        if local is None:
+            local = _hub_cache_only(path)
         try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local)
         except (OSError, ValueError) as exc:
             raise _unreachable(path, exc) from exc
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -122,6 +124,14 @@ def _config_vocab_size(path: str, *, trust_remote_code: bool = False) -> int | N
     return text.get("vocab_size")
 
 
+def _hub_cache_only(path: str) -> bool:
+    """True when the hub is out of reach and its cache holds ``path``; out of reach and not cached:
+    one clear error at once (transformers alone retries every file for minutes)."""
+    from .verifier import hub_cache_only
+
+    return hub_cache_only(path, what="student model", key="drafter.student.path")
+
+
 def load_student_model(path: str, verifier, *, trust_remote_code: bool = False):
     """A causal LM (local directory or hub id) as a student, refused unless its vocabulary is the verifier's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,11 +139,13 @@ def load_student_model(path: str, verifier, *, trust_remote_code: bool = False):
     hub = is_hub_id(path)
     if not hub and not os.path.isfile(os.path.join(path, "config.json")):
         raise SpecHeadsError(f"student model {path} is not a model directory (no config.json) nor a hub id (org/name)")
-    declared = _config_vocab_size(path, trust_remote_code=trust_remote_code)
+    local = _hub_cache_only(path) if hub else False
+    declared = _config_vocab_size(path, trust_remote_code=trust_remote_code, local=local)
     if declared is not None and declared != verifier.vocab_size:  # refuse before loading any weights
         raise _vocab_error(f"student model {path}", declared, verifier)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                     local_files_only=local)
     except OSError as exc:
         if not hub:
             raise
@@ -142,7 +154,7 @@ def load_student_model(path: str, verifier, *, trust_remote_code: bool = False):
     if actual != verifier.vocab_size:
         raise _vocab_error(f"student model {path}", actual, verifier)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except (OSError, ValueError, TypeError):
         tokenizer = None  # no tokenizer beside the weights: the vocabulary size is all we can check
     if tokenizer is not None and verifier.tokenizer is not None and tokenizer.get_vocab() != verifier.tokenizer.get_vocab():
