@@ -113,6 +113,10 @@ def test_every_readme_shell_command_is_checked():
             assert (ROOT / argv[1]).is_file(), f"{where}: {argv[1]} does not exist"
         elif prog in PYTHONS:
             check_python_command(argv, where)
+        elif prog == "vllm":  # vLLM's own CLI (another venv): serve a hub id, or a folder a README export writes
+            assert argv[1] == "serve", where
+            exported = {c[-1] for c in commands if c[:2] == ["specheads", "export"]}
+            assert argv[2] in exported or re.fullmatch(r"[\w.-]+/[\w.-]+", argv[2]) and not argv[2].startswith("runs"), where
         else:
             pytest.fail(f"{where}: program {prog!r} is not covered by tests/test_readme.py: add a check for it")
 
