@@ -122,6 +122,17 @@ def test_report_fields_and_the_single_drafter_table():
     assert "| speculative | 12.0 | 1.00x | - | - | ties (1) |" in table
     assert "| plain | 12.0 | 1.00x | - | - | exact |" in table
     assert "cpu bfloat16 (auto -> bfloat16 (CPU has avx512_bf16); LM head's top-16 logits in float32)" in table
+    assert report["tie_bound"]["source"] == "ulps" and report["tie_bound"]["bound"] is None  # none given: the ulps rule
+    assert ("identity: a difference is a tie where plain decoding's top-2 logit gap there is below 4 ulps of the top-1 logit "
+            "in bfloat16 (no tie bound measured for this verifier)") in table
+
+    # with a measured bound, a gap of 1.5 at a top logit of 20 (12 bfloat16 steps) is a tie
+    wider = {"bound": 2.0, "safety": 2.0, "max_gap_change": 1.0, "p99_gap_change": 0.5, "positions": 100, "q": [2],
+             "dtype": "bfloat16", "source": "stored"}
+    results = results_with({"plain": REF, "hf_generate": REF, "speculative": [REF[0], [1, 2, 0, 4], REF[2]]})
+    report = make_report(FakeVerifier(), None, REF, results, BenchConfig(num_draft_tokens=(3,)), tie=wider)
+    assert report["methods"]["speculative"]["identity"] == "ties" and report["methods"]["speculative"]["differences"][0]["bound"] == 2.0
+    assert report["tie_bound"]["bound"] == 2.0 and "below 2 = 2 x the largest change" in markdown_table(report)
 
 
 def test_plain_decoding_differing_from_hf_generate_is_classified_by_its_own_margins():
@@ -288,7 +299,7 @@ def test_bench_in_bfloat16_reports_dtype_head_and_identity(tiny_dirs, tmp_path, 
     from specheads.cli import main
 
     assert main(bench_args(tiny_dirs, tmp_path, "ngram", "--dtype", "bfloat16", "--no-hf", "--cpu-linears", "packed")) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["dtype"] == "bfloat16" and report["dtype_choice"] == "bfloat16"
     assert report["float32_head"] == "LM head's top-16 logits"
@@ -297,10 +308,24 @@ def test_bench_in_bfloat16_reports_dtype_head_and_identity(tiny_dirs, tmp_path, 
     assert report["methods"]["plain"]["identity"] == "exact"
     assert "cpu bfloat16 (LM head's top-16 logits in float32)" in (tmp_path / "report.md").read_text()
     assert "bfloat16, LM head's top-16 logits in float32" in err
+    # the tie bound: measured once for this verifier and dtype (quickly), stored, used and printed
+    tie = report["tie_bound"]
+    assert tie["source"] == "measured" and tie["dtype"] == "bfloat16" and tie["bound"] > 0
+    assert tie["bound"] == pytest.approx(2 * tie["max_gap_change"])
+    assert "measuring how far q-token verify forwards move the logits" in err
+    assert all(d["bound"] >= tie["bound"] for d in spec["differences"])
+    rule = f"identity: a difference is a tie where plain decoding's top-2 logit gap there is below {tie['bound']:.3g} = 2 x"
+    assert rule in (tmp_path / "report.md").read_text() and rule in out
 
     assert main(bench_args(tiny_dirs, tmp_path / "off", "ngram", "--dtype", "bfloat16", "--float32-head", "off", "--no-hf",
                            "--cpu-linears", "packed")) == 0
     assert json.loads((tmp_path / "off" / "report.json").read_text())["float32_head"] is None
+    capsys.readouterr()
+    # a second run of the same verifier and dtype reuses the stored bound
+    assert main(bench_args(tiny_dirs, tmp_path / "again", "ngram", "--dtype", "bfloat16", "--no-hf", "--cpu-linears", "packed")) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())["tie_bound"]
+    assert again["source"] == "stored" and again["bound"] == tie["bound"]
+    assert "measuring how far" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, dtype, why", [({"avx512_bf16"}, "bfloat16", "CPU has avx512_bf16"),

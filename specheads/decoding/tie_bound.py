@@ -97,11 +97,12 @@ def _quantile(values: list[float], q: float) -> float:
 def measure_tie_bound(verifier, prompts: list[list[int]] | None = None, *, num_prompts: int = NUM_PROMPTS, new_tokens: int = NEW_TOKENS,
                       chains=CHAINS, tree_depths=TREE_DEPTHS, safety: float = SAFETY, progress: bool = False) -> dict:
     """Decode ``prompts`` (token ids; default the first ``num_prompts`` of ``default_prompts``)
-    plainly for ``new_tokens`` tokens, then through q-token verify forwards (``chains``: q; ``tree_depths``: trees of
-    2 x depth + 1 tokens, where the verifier allows trees), and return the record: ``bound``
-    (``safety`` x ``max_gap_change``), the largest, 99th-percentile and median change of the top-2
-    gap and the largest change of the top-1 logit over all compared positions, how many positions
-    were compared and how many replays flipped a token."""
+    plainly for ``new_tokens`` tokens, then through q-token verify forwards (``chains``: q;
+    ``tree_depths``: trees of 2 x depth + 1 tokens, where the verifier allows trees), and return
+    the record: ``bound`` (``safety`` x ``max_gap_change``), the largest, 99th-percentile and
+    median change of the top-2 gap and the largest change of the top-1 logit over all compared
+    positions, the median top-1 logit, how many positions were compared and how many replays
+    flipped a token."""
     from .engine import SpeculativeDecoder
 
     if safety < 1 or not math.isfinite(safety):
