@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prove `specheads export --format vllm` against vLLM itself: see scripts/vllm_interop.py.
+# Prove `specheads export` (--format vllm, and sglang / speculators for EAGLE-3) against vLLM itself: see scripts/vllm_interop.py.
 #
 #   bash scripts/vllm_interop.sh [options of scripts/vllm_interop.py, e.g. --medusa DIR]
 #
