@@ -111,4 +111,21 @@ def build_hybrid(spec: str, build, part_options) -> HybridDrafter:
             raise SpecHeadsError(f"hybrid drafter '{spec}': part {pos} '{n}' cannot be used: {exc}") from exc
         if parts[-1] is None:
             raise SpecHeadsError(f"hybrid drafter '{spec}': part {pos} '{n}' is no drafter")
-    return HybridDrafter(parts, names)
+    return HybridDrafter(parts, _spec_labels(names, parts))
+
+
+def _spec_labels(names: list[str], parts: list) -> list[str]:
+    """Report names for the parts as typed: a lookup by its name, a checkpoint folder as
+    kind:folder (a training run's ``drafter`` folder with its run's name), e.g.
+    ``eagle3:smollm2-eagle3-full/drafter``; the whole path where two would read the same."""
+    from . import BUILDERS, SUFFIX_FILE
+
+    labels = []
+    for n, p in zip(names, parts):
+        if n in BUILDERS or n.startswith(SUFFIX_FILE):
+            labels.append(n)
+            continue
+        folders = [f for f in os.path.normpath(n).split(os.sep) if f]
+        tail = folders[-2:] if len(folders) > 1 and folders[-1] == "drafter" else folders[-1:]
+        labels.append(f"{p.name}:{'/'.join(tail)}")
+    return [n if labels.count(label) > 1 else label for n, label in zip(names, labels)]
