@@ -122,6 +122,7 @@ class Calibrator:
         self.prior_no_score = prior_no_score
         self.stats: dict[tuple, list[float]] = {}  # key -> [hits, tries]
         self._coarse: dict[tuple, list[float]] = {}  # (drafter, depth, bin) -> sums over its fine cells
+        self._memo: dict[tuple, dict[tuple, float]] = {}  # coarse key -> fine key -> origin_estimate, until it is observed
 
     @staticmethod
     def _beta(hits: float, tries: float, prior: float) -> float:
@@ -133,6 +134,7 @@ class Calibrator:
         s[0] = s[0] * DECAY + float(hit)
         s[1] = s[1] * DECAY + 1.0
         if key[0] == "f":  # keep the coarse sums equal to the sums of their cells
+            self._memo.pop(key[1:4], None)
             c = self._coarse.setdefault(key[1:4], [0.0, 0.0])
             c[0] += s[0] - before[0]
             c[1] += s[1] - before[1]
@@ -154,10 +156,14 @@ class Calibrator:
     def origin_estimate(self, o: Origin) -> float:
         """What a node that only ``o.source`` proposed is worth."""
         key = self._fine_key(o)
-        hits, tries = self.stats.get(key, (0.0, 0.0))
-        all_hits, all_tries = self._coarse.get(key[1:4], (0.0, 0.0))
-        others = self._beta(max(0.0, all_hits - hits), max(0.0, all_tries - tries), self._prior(o.score))
-        return self._beta(hits, tries, others)
+        memo = self._memo.setdefault(key[1:4], {})
+        p = memo.get(key)
+        if p is None:
+            hits, tries = self.stats.get(key, (0.0, 0.0))
+            all_hits, all_tries = self._coarse.get(key[1:4], (0.0, 0.0))
+            others = self._beta(max(0.0, all_hits - hits), max(0.0, all_tries - tries), self._prior(o.score))
+            p = memo[key] = self._beta(hits, tries, others)
+        return p
 
     def _combined(self, origins: list[Origin]) -> tuple[tuple | None, Origin, float]:
         """(combination key, or None for one drafter's node; its best origin; the prior) of a node."""
@@ -171,6 +177,8 @@ class Calibrator:
 
     def node(self, origins: list[Origin]) -> float:
         """P(accepted | parent accepted) of a node with these origins."""
+        if len(origins) == 1:
+            return self.origin_estimate(origins[0])
         key, _, prior = self._combined(origins)
         return prior if key is None else self._beta(*self.stats.get(key, (0.0, 0.0)), prior)
 
@@ -266,6 +274,7 @@ class _Step:
     matches: dict[int, int | None] = field(default_factory=dict)
     sunk: float = 0.0  # drafting seconds spent so far this step
     offers: dict[int, _Offer] = field(default_factory=dict)  # number of proposals -> their best selection
+    merged: "TreeMerge" = field(default_factory=lambda: TreeMerge())  # the deterministic proposals so far, merged
     buckets: dict[int, int] = field(default_factory=dict)  # drafter -> the bucket it was planned in
     ages: dict[int, int] = field(default_factory=dict)  # drafter -> steps since it last ran in that bucket
 
@@ -367,6 +376,8 @@ class GoodputController:
         matched context of ``match`` tokens (lookups)."""
         step, s = self._step, self.sources[source]
         step.proposals.append((source, cands))
+        if len(cands) and cands.draft_probs is None:
+            step.merged.add(source, cands, match)
         step.draft_s[source] = seconds
         step.matches[source] = match
         step.sunk += seconds
@@ -383,7 +394,7 @@ class GoodputController:
         if n not in step.offers:
             props = step.proposals[:n]
             spent = sum(step.draft_s[i] for i, _ in props)
-            _, gain, nodes, _ = self._choose(props, step.matches, spent)
+            _, gain, nodes, _ = self._choose(props, step.matches, spent, step.merged if n == len(step.proposals) else None)
             step.offers[n] = _Offer(gain, nodes)
         return step.offers[n]
 
@@ -425,7 +436,7 @@ class GoodputController:
         run = [i for i, _ in step.proposals]
         if not run:
             self.plain_steps += 1
-        _, gain, nodes, build = self._choose(step.proposals, step.matches, step.sunk)
+        _, gain, nodes, build = self._choose(step.proposals, step.matches, step.sunk, step.merged)
         step.offers[len(run)] = _Offer(gain, nodes)
         sel = build()
         sel.sources_run, sel.draft_s = run, dict(step.draft_s)
@@ -435,15 +446,18 @@ class GoodputController:
         sel.ages = dict(step.ages)
         return sel
 
-    def _choose(self, proposals: list[tuple[int, Candidates]], matches: dict, spent: float):
-        """(goodput, expected accepted tokens, node count, build() -> Selection) of the best
-        selection from ``proposals`` after ``spent`` seconds of drafting."""
+    def _choose(self, proposals: list[tuple[int, Candidates]], matches: dict, spent: float, merged: TreeMerge | None = None):
+        """(value, expected accepted tokens, node count, build() -> Selection) of the best
+        selection from ``proposals`` after ``spent`` seconds of drafting (``merged``: their
+        deterministic trees already merged)."""
         proposals = [(i, c) for i, c in proposals if len(c)]
         if not proposals:
             return 1.0 - self.goodput * (spent + self._seconds(1)), 0.0, 0, lambda: Selection(Candidates.empty(), [], [], [])
         if any(c.draft_probs is not None for _, c in proposals) and len(proposals) > 1:
             # Sampled sets cannot be merged: keep the one set that promises the most per second.
             return max((self._best(*merge([(i, c)], matches), spent) for i, c in proposals), key=lambda b: b[0])
+        if merged is not None and all(c.draft_probs is None for _, c in proposals):
+            return self._best(*merged.result(), spent)
         return self._best(*merge(proposals, matches), spent)
 
     def _node_probs(self, cands: Candidates, origins: list[list[Origin]]) -> list[float]:
@@ -468,7 +482,7 @@ class GoodputController:
         best_n, best_value, best_gain, gained = 0, 1.0 - worth * (spent + self._seconds(1)), 0.0, 0.0
         for n, v in enumerate(order, 1):
             gained += probs[v]
-            value = 1.0 + gained - worth * (spent + self._seconds(n + 1))
+            value = 1.0 + gained - worth * (spent + self.cost(n + 1) / 1e3)
             if value > best_value:
                 best_n, best_value, best_gain = n, value, gained
 
@@ -544,17 +558,48 @@ def _ranks(cands: Candidates) -> list[int]:
     return ranks
 
 
+class TreeMerge:
+    """Deterministic trees merged one by one into one tree: a node is (its parent, its token), so a
+    token two drafters propose under the same path is one node carrying both origins."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.origins: list[list[Origin]] = []
+        self._depth: list[int] = []
+        self._index: dict[tuple[int, int], int] = {}
+        self._built: tuple[Candidates, list[list[Origin]]] | None = None
+
+    def add(self, source: int, cands: Candidates, match: int | None = None) -> None:
+        """``match``: the matched context length behind a lookup's proposal."""
+        self._built = None
+        mapped: list[int] = []
+        scores = cands.scores.tolist() if cands.scores is not None else [None] * len(cands)
+        for tok, par, sc, rank in zip(cands.tokens.tolist(), cands.parents.tolist(), scores, _ranks(cands)):
+            p = -1 if par < 0 else mapped[par]
+            node = self._index.get((p, tok))
+            if node is None:
+                node = len(self.tokens)
+                self._index[(p, tok)] = node
+                self.tokens.append(tok)
+                self.parents.append(p)
+                self._depth.append(1 if p < 0 else self._depth[p] + 1)
+                self.origins.append([])
+            self.origins[node].append(Origin(source, self._depth[node], sc, rank, match))
+            mapped.append(node)
+
+    def result(self) -> tuple[Candidates, list[list[Origin]]]:
+        if self._built is None:
+            cands = Candidates(torch.tensor(self.tokens, dtype=torch.long), torch.tensor(self.parents, dtype=torch.long))
+            self._built = cands, [list(o) for o in self.origins]
+        return self._built
+
+
 def merge(proposals: list[tuple[int, Candidates]], matches: dict[int, int | None] | None = None
           ) -> tuple[Candidates, list[list[Origin]]]:
-    """One tree from several drafters' deterministic trees: a node is (its parent, its token), so a
-    token two drafters propose under the same path is one node carrying both origins.
-    ``matches[source]``: the matched context length behind a lookup's proposal."""
+    """One tree from several drafters' deterministic trees (``TreeMerge``), or a lone sampled set as
+    drawn. ``matches[source]``: the matched context length behind a lookup's proposal."""
     matches = matches or {}
-    tokens: list[int] = []
-    parents: list[int] = []
-    origins: list[list[Origin]] = []
-    depth: list[int] = []
-    index: dict[tuple[int, int], int] = {}
     if len(proposals) == 1 and proposals[0][1].draft_probs is not None:
         # A sampled set stays as drawn (repeated sibling tokens included: each row of draft_probs
         # belongs to one draw).
@@ -564,23 +609,10 @@ def merge(proposals: list[tuple[int, Candidates]], matches: dict[int, int | None
         for p in cands.parents.tolist():
             depths.append(1 if p < 0 else depths[p] + 1)
         return cands, [[Origin(source, d, sc, r, matches.get(source))] for d, sc, r in zip(depths, scores, _ranks(cands))]
+    merged = TreeMerge()
     for source, cands in proposals:
-        mapped: list[int] = []
-        scores = cands.scores.tolist() if cands.scores is not None else [None] * len(cands)
-        match = matches.get(source)
-        for tok, par, sc, rank in zip(cands.tokens.tolist(), cands.parents.tolist(), scores, _ranks(cands)):
-            p = -1 if par < 0 else mapped[par]
-            node = index.get((p, tok))
-            if node is None:
-                node = len(tokens)
-                index[(p, tok)] = node
-                tokens.append(tok)
-                parents.append(p)
-                depth.append(1 if p < 0 else depth[p] + 1)
-                origins.append([])
-            origins[node].append(Origin(source, depth[node], sc, rank, match))
-            mapped.append(node)
-    return Candidates(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)), origins
+        merged.add(source, cands, matches.get(source))
+    return merged.result()
 
 
 def subtree(cands: Candidates, keep: list[int]) -> Candidates:
