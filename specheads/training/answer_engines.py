@@ -240,13 +240,11 @@ class HFEngine(EngineBase):
         self.gen = gen
 
     def answer(self, requests, done):
-        from .data import _answer_batch
-
         order = sorted(range(len(requests)), key=lambda j: -len(requests[j].ids))
         out: list[list[int] | None] = [None] * len(requests)
         for b in range(0, len(order), self.gen.batch_size):
             rows = order[b: b + self.gen.batch_size]
-            for j, ans in zip(rows, _answer_batch(self.gen, [requests[j] for j in rows])):
+            for j, ans in zip(rows, self.gen.answer_batch([requests[j] for j in rows])):
                 out[j] = ans
                 done(j)
         return out

@@ -389,6 +389,10 @@ class _Generation:
             "seed": self.seed if self.temperature > 0 else None,  # greedy answers do not depend on the seed
         }
 
+    def answer_batch(self, batch: list) -> list[list[int]]:
+        """One batch through ``generate`` here (what the ``hf`` answer engine runs)."""
+        return _answer_batch(self, batch)
+
     def fits(self, ids: list[int]) -> bool:
         return self.max_context is None or len(ids) + self.max_new_tokens <= self.max_context
 
