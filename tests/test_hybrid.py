@@ -24,7 +24,7 @@ import torch
 from conftest import EOS, REPETITIVE_PROMPTS, VOCAB, cached_verifier, hf_greedy
 from specheads.decoding.candidates import Candidates, DraftContext
 from specheads.decoding.engine import SpeculativeDecoder
-from specheads.decoding.goodput import Calibrator, GoodputController, Origin, merge
+from specheads.decoding.goodput import Calibrator, GoodputController, Origin, Selection, merge
 from specheads.decoding.sampling import SamplingParams
 from specheads.drafters import NgramDrafter, SuffixDrafter, build_drafter
 from specheads.drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Model, draft_vocab_d2t
@@ -126,6 +126,23 @@ def test_selection_is_never_worse_than_the_best_single_part():
             assert chosen >= best - 1e-12, (trial, part)
 
 
+def test_a_branch_is_charged_what_tree_forwards_cost_beyond_chains():
+    """Two parts that disagree on the first token make a tree; on a machine whose tree forwards
+    cost more than chains of as many tokens (learned from the forwards), the weaker branch is
+    verified only where it pays for that too."""
+    a, b = chain([5, 6], [0.95, 0.95]), chain([9], [0.3])
+    ctl = GoodputController(CPU, 2)
+    assert 9 in ctl.select([(0, a), (1, b)], {0: 0.0, 1: 0.0}).candidates.tokens.tolist()
+    far = [Origin(0, 6, None)]  # nodes whose outcome teaches nothing about a's and b's
+    tree = Candidates(torch.tensor([1, 2]), torch.tensor([-1, -1]))
+    for _ in range(20):
+        ctl.update(Selection(chain([1, 2]), [far, far], [0.5, 0.25], []), [], CPU(3) / 1e3)  # chains: on the curve
+        ctl.update(Selection(tree, [far, far], [0.5, 0.5], []), [], CPU(3) / 1e3 + 0.03)  # trees: 30 ms more
+    assert ctl.tree_extra == pytest.approx(0.03, rel=0.05)
+    sel = ctl.select([(0, a), (1, b)], {0: 0.0, 1: 0.0})
+    assert sel.candidates.tokens.tolist() == [5, 6] and sel.candidates.is_chain
+
+
 # -- what each part's nodes are worth ------------------------------------------------------------
 
 
@@ -142,8 +159,9 @@ def test_lookup_nodes_are_valued_by_match_length_and_apart_from_agreed_nodes():
     agreed = cal.node([Origin(0, 1, 0.95, 0, 12), Origin(1, 1, None, 0, 12)])
     assert long_match == pytest.approx(0.8, abs=0.1) and short_match == pytest.approx(0.1, abs=0.08)
     assert agreed == pytest.approx(0.95, abs=0.06)
-    # A match length never seen leans on the part's others, not on the agreed nodes' record.
-    assert 0.2 < cal.node([Origin(1, 1, None, 0, 5)]) < 0.7
+    # A match length never seen starts from the part's own confidence (none: the lookup prior), so
+    # that failing short matches do not keep a long one from ever being tried.
+    assert cal.node([Origin(1, 1, None, 0, 5)]) == pytest.approx(0.3)
 
 
 def test_model_nodes_are_valued_by_rank():
@@ -151,6 +169,8 @@ def test_model_nodes_are_valued_by_rank():
     for i in range(200):
         cal.observe([([Origin(0, 1, 0.5, 0)], i % 5 != 0), ([Origin(0, 1, 0.5, 1)], i % 10 == 0)])
     assert cal.node([Origin(0, 1, 0.5, 0)]) > 0.7 > 0.2 > cal.node([Origin(0, 1, 0.5, 1)])
+    # a rank never seen leans on the others of its depth and confidence
+    assert 0.3 < cal.node([Origin(0, 1, 0.5, 2)]) < 0.6
 
 
 # -- a simulated text: what runs, and the goodput it gives ----------------------------------------

@@ -110,10 +110,10 @@ class Calibrator:
     text (a prompt that turns repetitive) while one outlier moves it little. A node is estimated:
 
     * alone (one drafter proposed it): per (drafter, depth, confidence bin, rank among its
-      siblings, lookup match length bin). Its prior is the estimate of its (drafter, depth,
-      confidence bin) from the *other* ranks and match lengths, whose own prior is the bin's
-      confidence (a drafter whose scores are calibrated needs no evidence at all) or
-      ``prior_no_score``. Leaving the node's own cell out of its prior counts no evidence twice;
+      siblings, lookup match length bin). Its prior is the bin's confidence (a drafter whose
+      scores are calibrated needs no evidence at all) or ``prior_no_score``; for a model
+      drafter's node, the estimate of its (drafter, depth, confidence bin) from the *other* ranks,
+      with that prior (leaving the node's own cell out counts no evidence twice);
     * proposed by several drafters: per (set of drafters, depth, bin of the best of their own
       estimates), whose prior is that best estimate. Solo estimates learn only from solo nodes.
     """
@@ -160,9 +160,13 @@ class Calibrator:
         p = memo.get(key)
         if p is None:
             hits, tries = self.stats.get(key, (0.0, 0.0))
-            all_hits, all_tries = self._coarse.get(key[1:4], (0.0, 0.0))
-            others = self._beta(max(0.0, all_hits - hits), max(0.0, all_tries - tries), self._prior(o.score))
-            p = memo[key] = self._beta(hits, tries, others)
+            prior = self._prior(o.score)
+            if o.match is None:  # ranks share what they have in common
+                all_hits, all_tries = self._coarse.get(key[1:4], (0.0, 0.0))
+                prior = self._beta(max(0.0, all_hits - hits), max(0.0, all_tries - tries), prior)
+            # A lookup's match lengths do not: a long match is another thing than the short ones
+            # (which may all fail), and it would never be verified to show it.
+            p = memo[key] = self._beta(hits, tries, prior)
         return p
 
     def _combined(self, origins: list[Origin]) -> tuple[tuple | None, Origin, float]:
@@ -312,6 +316,16 @@ class GoodputController:
         # the drafting times): what a second is worth, against which every choice is made.
         self._tokens = _Ema(self.GOODPUT_DECAY)
         self._time = _Ema(self.GOODPUT_DECAY)
+        # Verify forwards' seconds beyond the cost curve, chains (True) and trees (False) apart: a
+        # tree's forward (4D mask, its accepted path moved in the cache) may cost more than a chain's
+        # of as many tokens, which the curve, measured on chains, does not say.
+        self._residual = {True: _Ema(0.9), False: _Ema(0.9)}
+
+    @property
+    def tree_extra(self) -> float:
+        """Seconds a tree's verify forward has cost beyond a chain's of as many tokens (0 until both seen)."""
+        chain, tree = self._residual[True].value, self._residual[False].value
+        return 0.0 if chain is None or tree is None else max(0.0, tree - chain)
 
     @property
     def goodput(self) -> float:
@@ -333,17 +347,23 @@ class GoodputController:
         self._step = _Step(offers={0: _Offer(0.0, 0)})
         self.probing = set()
 
+    def _cheap(self, source: int) -> bool:
+        """Whether a drafter takes under CHEAP_FRACTION of a one-token forward (the median of its last
+        proposes: one slow propose, the machine busy elsewhere, does not make it costly)."""
+        recent = self.sources[source].recent_s
+        return not recent or statistics.median(recent) <= CHEAP_FRACTION * self._seconds(1)
+
     def order(self) -> list[int]:
         """The order in which drafters are considered: those that cost next to nothing (lookups, or
         any not timed yet) first, so that the costly ones are planned knowing what they offered."""
-        cheap = CHEAP_FRACTION * self._seconds(1)
-        # The median, not the mean: one slow propose (the machine busy elsewhere) must not reorder them.
-        return sorted(range(len(self.sources)), key=lambda i: (statistics.median(self.sources[i].recent_s or [0.0]) > cheap, i))
+        return sorted(range(len(self.sources)), key=lambda i: (not self._cheap(i), i))
 
     def should_run(self, source: int) -> bool:
-        """Whether ``source`` runs now, after the drafters ``add``-ed so far this step: yes when the
-        goodput expected with what it adds (learned in this bucket of their offer) and its drafting
-        time is within NEGLIGIBLE of the goodput without it, or when it is due a try."""
+        """Whether ``source`` runs now, after the drafters ``add``-ed so far this step: yes when what
+        it adds (learned in this bucket of their offer) is worth, at this generation's goodput, its
+        drafting time and the verify time of the nodes it adds, to within NEGLIGIBLE tokens; or when
+        it is due a try. (A lookup whose nodes the selection verifies only where they pay costs
+        next to nothing and runs; one whose verified nodes keep failing is skipped like any other.)"""
         step, s = self._step, self.sources[source]
         offer = self._offer()
         b = bisect.bisect_right(OFFER_EDGES, offer.gain)
@@ -352,7 +372,6 @@ class GoodputController:
         if s.draft_s.value is None or e.gain.value is None:  # no evidence yet: try it
             run = True
         else:
-            # What it adds against what its time is worth at this generation's goodput.
             extra = s.draft_s.value + self._seconds(offer.nodes + e.nodes.value + 1) - self._seconds(offer.nodes + 1)
             run = e.gain.value + self.NEGLIGIBLE >= self.goodput * extra
             if run:
@@ -480,9 +499,13 @@ class GoodputController:
         order = sorted(range(len(probs)), key=lambda v: (-probs[v], v))[: self.max_nodes]
         worth = self.goodput  # tokens a second is worth
         best_n, best_value, best_gain, gained = 0, 1.0 - worth * (spent + self._seconds(1)), 0.0, 0.0
+        parents = cands.parents.tolist()
+        tree_extra, chain = self.tree_extra, True
         for n, v in enumerate(order, 1):
             gained += probs[v]
-            value = 1.0 + gained - worth * (spent + self.cost(n + 1) / 1e3)
+            # The first n nodes are a chain while each hangs under the one before.
+            chain = chain and parents[v] == (order[n - 2] if n > 1 else -1)
+            value = 1.0 + gained - worth * (spent + self.cost(n + 1) / 1e3 + (0.0 if chain else tree_extra))
             if value > best_value:
                 best_n, best_value, best_gain = n, value, gained
 
@@ -504,9 +527,11 @@ class GoodputController:
         """What the verifier accepted (``path``: node indices of ``sel.candidates``) and what the
         verify forward took."""
         q = len(sel.candidates) + 1
+        chain = sel.candidates.is_chain
+        self._residual[chain].add(verify_s - self._seconds(q))
         self.cost.observe(q, verify_s)
         self._tokens.add(1.0 + len(path))
-        self._time.add(sum(sel.draft_s.values()) + self._seconds(q))
+        self._time.add(sum(sel.draft_s.values()) + self._seconds(q) + (0.0 if chain else self.tree_extra))
         on_path = set(path)
         parents = sel.candidates.parents.tolist()
         # Tried: a node whose parent was accepted.
