@@ -113,7 +113,8 @@ def build_drafter(spec: str | None, verifier, **options) -> Drafter | None:
     if isinstance(spec, str) and "+" in spec:  # a hybrid: A+B+..., each part built as if alone
         from .hybrid import build_hybrid
 
-        return build_hybrid(spec, lambda n, **opts: build_drafter(n, verifier, **opts), lambda n: _options_for(n, options))
+        return build_hybrid(spec, lambda n, **opts: build_drafter(n, verifier, **opts), lambda n: _options_for(n, options),
+                            set(BUILDERS), SUFFIX_FILE)
     if spec in BUILDERS:
         return BUILDERS[spec](verifier, **options)
     if isinstance(spec, str) and spec.startswith(SUFFIX_FILE):

@@ -78,8 +78,10 @@ def _kind_labels(parts: list) -> list[str]:
     return [f"{n}#{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def build_hybrid(spec: str, build, part_options) -> HybridDrafter:
-    """``--drafter A+B+...``: each part built by ``build(name, **part_options(name))`` as if alone.
+def build_hybrid(spec: str, build, part_options, lookups, suffix_file: str) -> HybridDrafter:
+    """``--drafter A+B+...``: each part built by ``build(name, **part_options(name))`` as if alone;
+    ``lookups`` are the names of the training-free drafters and ``suffix_file`` the prefix of a
+    suffix index part (both from the registry, which imports this module).
 
     Refused, with one error naming the part: an empty or ``none`` part, a part named twice (the same
     lookup, or the same folder), and a part that cannot be built (an unknown name, a checkpoint of
@@ -88,14 +90,12 @@ def build_hybrid(spec: str, build, part_options) -> HybridDrafter:
     if not all(names) or any(n in ("none", "plain") for n in names):
         raise SpecHeadsError(f"hybrid drafter '{spec}': name two or more drafters joined by '+', e.g. runs/x/drafter+ngram "
                              "(paths may not contain '+')")
-    from . import BUILDERS, SUFFIX_FILE
-
     seen: dict[str, str] = {}
     for n in names:  # a lookup by its name, a file or folder by where it really is
-        if n in BUILDERS:
+        if n in lookups:
             key = n
-        elif n.startswith(SUFFIX_FILE):
-            key = SUFFIX_FILE + os.path.realpath(n[len(SUFFIX_FILE):])
+        elif n.startswith(suffix_file):
+            key = suffix_file + os.path.realpath(n[len(suffix_file):])
         else:
             key = os.path.realpath(n)
         if key in seen:
@@ -111,18 +111,16 @@ def build_hybrid(spec: str, build, part_options) -> HybridDrafter:
             raise SpecHeadsError(f"hybrid drafter '{spec}': part {pos} '{n}' cannot be used: {exc}") from exc
         if parts[-1] is None:
             raise SpecHeadsError(f"hybrid drafter '{spec}': part {pos} '{n}' is no drafter")
-    return HybridDrafter(parts, _spec_labels(names, parts))
+    return HybridDrafter(parts, _spec_labels(names, parts, lookups, suffix_file))
 
 
-def _spec_labels(names: list[str], parts: list) -> list[str]:
+def _spec_labels(names: list[str], parts: list, lookups, suffix_file: str) -> list[str]:
     """Report names for the parts as typed: a lookup by its name, a checkpoint folder as
     kind:folder (a training run's ``drafter`` folder with its run's name), e.g.
     ``eagle3:smollm2-eagle3-full/drafter``; the whole path where two would read the same."""
-    from . import BUILDERS, SUFFIX_FILE
-
     labels = []
     for n, p in zip(names, parts):
-        if n in BUILDERS or n.startswith(SUFFIX_FILE):
+        if n in lookups or n.startswith(suffix_file):
             labels.append(n)
             continue
         folders = [f for f in os.path.normpath(n).split(os.sep) if f]
