@@ -295,8 +295,11 @@ def test_float32_head_streams_and_decodes_losslessly():
 from test_bench_cli import bench_args, tiny_dirs  # noqa: E402,F401  (the fixture, shared)
 
 
-def test_bench_in_bfloat16_reports_dtype_head_and_identity(tiny_dirs, tmp_path, capsys):
+def test_bench_in_bfloat16_reports_dtype_head_and_identity(tiny_dirs, tmp_path, capsys, monkeypatch):
     from specheads.cli import main
+
+    # a store of its own: another test of this session may have stored this verifier's bound already
+    monkeypatch.setenv("SPECHEADS_CACHE", str(tmp_path / "cache"))
 
     assert main(bench_args(tiny_dirs, tmp_path, "ngram", "--dtype", "bfloat16", "--no-hf", "--cpu-linears", "packed")) == 0
     out, err = capsys.readouterr()
