@@ -32,12 +32,9 @@ The estimates are checked against a measured training step on this CPU (``docs/s
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -78,67 +75,22 @@ def text_config(config):
 
 
 def load_config(name: str, trust_remote_code: bool = False):
-    """The verifier's transformers config: a local folder, the alias's converted copy, the local HF
-    cache, or the configs specheads ships for the hub ids its recipes name (no network)."""
+    """The verifier's transformers config, without weights or network: a local folder's (remote
+    code allowed as the user says), else what a tiny twin is scaled from (``tiny_twin.real_config``:
+    the converted alias, the local Hugging Face cache, or the configs shipped for the recipes' hub ids)."""
     from transformers import AutoConfig
 
-    from .verifier import ALIASES
+    from .tiny_twin import _model_config, real_config, shipped_configs
 
-    if name in ALIASES:
-        gguf_dims = _alias_config(name)
-        if gguf_dims is not None:
-            return gguf_dims
     if os.path.isdir(name):
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        pass
-    shipped = shipped_config(name)
-    if shipped is not None:
-        return shipped
-    raise SpecHeadsError(
-        f"no config for verifier '{name}': not a local folder, not in the local Hugging Face cache, and not one of the "
-        f"hub ids specheads ships configs for ({', '.join(sorted(shipped_config_ids())) or 'none'}); point verifier.name "
-        "at a local copy (huggingface-cli download ID --local-dir DIR)")
-
-
-def _alias_config(name: str):
-    from transformers import AutoConfig
-
-    from .verifier import cache_dir
-
-    folder = cache_dir() / "verifiers" / name
-    if (folder / "config.json").is_file():
-        return AutoConfig.from_pretrained(folder)
-    from .verifier import converted_alias_dir
-
-    return AutoConfig.from_pretrained(converted_alias_dir(name))
-
-
-def _shipped_table() -> dict:
-    path = Path(__file__).parent / "data" / "hub_configs.json"
-    if not path.is_file():
-        return {}
-    table = json.loads(path.read_text())
-    return table.get("models") or table.get("configs") or {}
-
-
-def shipped_config_ids() -> list[str]:
-    return [k for k in _shipped_table() if "/" in k]
-
-
-def shipped_config(name: str):
-    """A transformers config from the fields shipped for a hub id (``specheads/data/hub_configs.json``)."""
-    from transformers import AutoConfig
-
-    entry = _shipped_table().get(name)
-    if entry is None:
-        return None
-    fields = dict(entry.get("config", entry))
-    fields = {k: v for k, v in fields.items() if not k.startswith("_")}
-    model_type = fields.pop("model_type")
-    return AutoConfig.for_model(model_type, **fields)
+        return _model_config(real_config(name).config)
+    except SpecHeadsError:
+        raise SpecHeadsError(
+            f"no config for verifier '{name}': not a local folder, not in the local Hugging Face cache, and not one of the "
+            f"hub ids specheads ships configs for ({', '.join(sorted(shipped_configs()))}); point verifier.name "
+            "at a local copy (huggingface-cli download ID --local-dir DIR)") from None
 
 
 def count_parameters(config) -> ModelCounts:

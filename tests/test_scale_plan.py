@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specheads.cli import main
-from specheads.scale_plan import Hardware, count_parameters, eagle3_parameters, plan, shipped_config
+from specheads.scale_plan import Hardware, count_parameters, eagle3_parameters, load_config, plan
 
 # Public parameter counts (the model cards' safetensors totals).
 PUBLISHED = {
@@ -25,7 +25,7 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("hub_id", sorted(PUBLISHED))
 def test_shipped_configs_give_the_published_parameter_counts(hub_id):
-    counts = count_parameters(shipped_config(hub_id))
+    counts = count_parameters(load_config(hub_id))
     assert (counts.total, counts.active) == PUBLISHED[hub_id]
 
 
