@@ -141,6 +141,21 @@ def moe_verifier(arch: str, seed: int = 0) -> Verifier:
     return make_verifier(arch, seed=seed, layers=4)
 
 
+def random_medusa_heads(verifier: Verifier, num_heads: int):
+    """Medusa heads with seeded random residual blocks (std 0.2) and LM heads copied from the
+    verifier's: drafts that are sometimes right, so lossless tests see accepts and rejects."""
+    from specheads.drafters.medusa import MedusaConfig, MedusaHeads
+
+    torch.manual_seed(0)
+    heads = MedusaHeads(MedusaConfig(hidden_size=verifier.hidden_size, vocab_size=VOCAB, num_heads=num_heads))
+    with torch.no_grad():
+        for block in heads.blocks:
+            for layer in block["layers"]:
+                layer.weight.normal_(0, 0.2)
+    heads.init_lm_heads_from(verifier.model.get_output_embeddings().weight)
+    return heads
+
+
 def noisy_copy(model, rel_sigma: float = 0.05, seed: int = 123):
     """The verifier with Gaussian noise on its weight matrices: a draft model that is often right."""
     noisy = copy.deepcopy(model)

@@ -24,7 +24,7 @@ import sys
 import pytest
 import torch
 
-from conftest import EOS, MOE_ARCHS, MOE_WINDOW, VOCAB, hf_greedy, make_model, make_verifier, moe_verifier, noisy_copy
+from conftest import EOS, MOE_ARCHS, MOE_WINDOW, VOCAB, hf_greedy, make_model, make_verifier, moe_verifier, noisy_copy, random_medusa_heads
 from specheads.decoding import SpeculativeDecoder
 from specheads.decoding import engine as engine_mod
 from specheads.decoding.kv_cache import attention_layers, cache_kwargs, new_cache
@@ -196,17 +196,7 @@ def noisy_model(arch: str):
 
 @functools.lru_cache(maxsize=None)
 def medusa_heads(arch: str):
-    from specheads.drafters.medusa import MedusaConfig, MedusaHeads
-
-    v = moe_verifier(arch)
-    torch.manual_seed(0)
-    heads = MedusaHeads(MedusaConfig(hidden_size=v.hidden_size, vocab_size=VOCAB, num_heads=4))
-    with torch.no_grad():
-        for block in heads.blocks:
-            for layer in block["layers"]:
-                layer.weight.normal_(0, 0.2)
-    heads.init_lm_heads_from(v.model.get_output_embeddings().weight)
-    return heads
+    return random_medusa_heads(moe_verifier(arch), 4)
 
 
 @functools.lru_cache(maxsize=None)

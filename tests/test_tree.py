@@ -22,7 +22,7 @@ import random
 import pytest
 import torch
 
-from conftest import EOS, REPETITIVE_PROMPTS, VOCAB, cached_verifier, greedy_reference, make_model, make_verifier, noisy_model
+from conftest import EOS, REPETITIVE_PROMPTS, VOCAB, cached_verifier, greedy_reference, make_model, make_verifier, noisy_model, random_medusa_heads
 from specheads.decoding import SpeculativeDecoder
 from specheads.decoding.candidates import Candidates, DraftContext
 from specheads.decoding.engine import _clip
@@ -262,16 +262,10 @@ def test_greedy_tree_eos_mid_path(arch):
 
 @pytest.mark.parametrize("tree", ["tree4", "tree6", "tree8", "tree16"])
 def test_medusa_tree_greedy_lossless(tree):
-    from specheads.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads, TREES
+    from specheads.drafters.medusa import MedusaDrafter, TREES
 
     verifier = cached_verifier("llama")
-    torch.manual_seed(0)
-    heads = MedusaHeads(MedusaConfig(hidden_size=verifier.hidden_size, vocab_size=VOCAB, num_heads=5))
-    with torch.no_grad():
-        for block in heads.blocks:
-            for layer in block["layers"]:
-                layer.weight.normal_(0, 0.2)
-    heads.init_lm_heads_from(verifier.model.get_output_embeddings().weight)
+    heads = random_medusa_heads(verifier, 5)
     depth = max(len(p) for p in TREES[tree])
     steps = accepted = 0
     for prompt in PROMPTS:
