@@ -531,6 +531,8 @@ def _run_one(server: VllmServer, cfg: ServingConfig, method: ServedMethod, promp
 def make_report(cfg: ServingConfig, runtime: VllmRuntime, methods: list[ServedMethod], results: dict, prompts: list[list[int]],
                 logs: dict | None = None) -> dict:
     """The report dict: per method, per concurrency (keys are strings in JSON) the measurements."""
+    from .bench import first_difference
+
     greedy = cfg.temperature <= 0
     plain = results.get("plain", {})
     first = cfg.concurrency[0]
@@ -560,7 +562,7 @@ def make_report(cfg: ServingConfig, runtime: VllmRuntime, methods: list[ServedMe
             if greedy and reference is not None and not (m.name == "plain" and c == first):
                 same = [a == b for a, b in zip(r.outputs, reference.outputs)]
                 row.update(identical_prompts=sum(same), identical_fraction=sum(same) / len(same), identical_to_verifier=all(same),
-                           first_mismatch_positions=[_first_difference(a, b) for a, b in zip(r.outputs, reference.outputs) if a != b])
+                           first_mismatch_positions=[first_difference(a, b) for a, b in zip(r.outputs, reference.outputs) if a != b])
             rows[str(c)] = row
         out[m.name] = {"drafter": m.label, "spec": m.spec, "speculative_config": m.speculative_config, "concurrency": rows}
     return {
@@ -588,10 +590,6 @@ def make_report(cfg: ServingConfig, runtime: VllmRuntime, methods: list[ServedMe
         "methods": out,
         "logs": logs or {},
     }
-
-
-def _first_difference(a: list[int], b: list[int]) -> int:
-    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # -- from the command line ---------------------------------------------------------------------------
