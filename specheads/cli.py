@@ -419,18 +419,19 @@ def run_calibrate(args) -> dict:
     import torch
 
     from .decoding.cost import CONTEXT, cost_rows, format_rows, verify_cost_curve
-    from .machine_store import load_average
+    from .machine_store import busy_before_measuring
 
     sizes = _parse_sizes(args.sizes, "--sizes")
     if 0 in sizes:
         raise SpecHeadsError(f"--sizes must be token counts >= 1, got '{args.sizes}'")
     if args.max_seconds <= 0:
         raise SpecHeadsError(f"--max-seconds must be > 0, got {args.max_seconds}")
-    load, cores = load_average(), os.cpu_count() or 1
-    busy = load is not None and load > cores
-    print(f"[specheads] calibrate: 1-minute load average {'unknown' if load is None else f'{load:.2f}'} on {cores} cores"
-          + (": the machine is busy, so no timing measured now is stored" + (" (--force stores it anyway)" if not args.force_store else "")
-             if busy else ""), file=sys.stderr, flush=True)
+    cores = os.cpu_count() or 1
+    load, busy = busy_before_measuring(cores, args.threads or torch.get_num_threads())
+    print(f"[specheads] calibrate: " + (f"{busy}: the machine is busy, so no timing measured now is stored"
+                                        + (" (--force stores it anyway)" if not args.force_store else "") if busy else
+                                        f"the machine is quiet (load {'unknown' if load is None else f'{load:.2f}'} on {cores} cores)"),
+          file=sys.stderr, flush=True)
     if args.cpu_linears == "tune":
         args.cpu_linears = "retune"  # calibrating means measuring again
     verifier = _load_verifier(args, speculative=True)

@@ -7,7 +7,11 @@ machine slows all of them, and one measurement taken then would size every later
 ``measured_once`` keeps a result (a small JSON file per kind under the specheads cache, keyed by
 what it depends on) only when it was taken on a quiet machine:
 
-- the 1-minute load average before measuring was at most the core count;
+- other processes kept at most ``max(OTHERS_BUSY_CORES, cores - threads)`` cores busy over the
+  second before measuring (``other_processes_load``, from /proc/stat less this process's own CPU
+  time: the 1-minute load average it replaces still carried a run's own training for a minute
+  after it ended, so the demo never stored its costs); where /proc/stat is missing, the 1-minute
+  load average was at most the core count;
 - while measuring, the process got at least ``MIN_CPU_SHARE`` of the CPU time its threads could
   use (on a 2-core VM with one other busy process, 2-thread SmolLM2 forwards got about half, and a
   1-token forward took 8x its quiet time: the load average, which lags, had said 1.4);
@@ -45,6 +49,50 @@ def load_average() -> float | None:
         return None
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes have spent busy (user, nice, system, irq, softirq, steal), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def other_processes_load(window: float = 1.0, *, busy_seconds: Callable[[], float] = machine_busy_seconds,
+                         own_cpu: Callable[[], float] | None = None, sleep: Callable[[float], None] = time.sleep,
+                         clock: Callable[[], float] = time.monotonic) -> float | None:
+    """Cores that processes other than this one kept busy over ``window`` seconds, or None where
+    the OS has no /proc/stat: the machine's busy time less this process's own CPU time over the same
+    window. Unlike the load average it does not lag, and it does not count this process (whose own
+    earlier work, such as the demo's training, is over)."""
+    own_cpu = own_cpu or cpu_time
+    try:
+        busy0, own0, t0 = busy_seconds(), own_cpu(), clock()
+        sleep(window)
+        busy1, own1, t1 = busy_seconds(), own_cpu(), clock()
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9)
+
+
+OTHERS_BUSY_CORES = 0.5  # other processes' use that already slows a forward on all cores (see above)
+
+
+def busy_before_measuring(cores: int, threads: int, load: Callable[[], float | None] | None = None) -> tuple[float | None, str | None]:
+    """(the load read, why the machine counts as busy or None). ``load`` given: a 1-minute load
+    average source (tests inject one), busy above the core count. Otherwise other processes' CPU
+    use over the last second, busy above ``max(OTHERS_BUSY_CORES, cores - threads)``, falling back
+    to the load average where the OS cannot tell."""
+    if load is None:
+        others = other_processes_load()
+        if others is not None:
+            limit = max(OTHERS_BUSY_CORES, cores - threads)
+            return others, (f"other processes kept {others:.2f} of {cores} cores busy in the second before measuring"
+                            if others > limit else None)
+        load = load_average
+    value = load()
+    return value, (f"the 1-minute load average was {value:.2f} on {cores} cores" if value is not None and value > cores else None)
+
+
 def cpu_time() -> float:
     """CPU seconds this process has used, all its threads together."""
     return time.process_time()
@@ -63,7 +111,7 @@ class Measurement:
     seconds: float  # clock time the rounds took
     drift: float  # the largest relative move of a median over the last round
     stable: bool
-    load: float | None  # 1-minute load average before measuring
+    load: float | None  # before measuring: other processes' busy cores, or the 1-minute load average (busy_before_measuring)
     cores: int
     cpu_share: float | None  # CPU time the process got / (wall time x the threads it could run); None: not checked
     busy: str | None  # why the machine counted as busy, or None
@@ -121,12 +169,12 @@ def time_rounds(keys: Iterable[Hashable], run: Callable[[Hashable], Any], *, pre
     average already says busy, ``min_rounds`` are taken and no more (``quick_if_busy``): the
     result is for this run only anyway.
 
-    ``load`` gives the 1-minute load average (default: ``load_average``), ``cpu_clock`` the
+    ``load`` gives a 1-minute load average (default: other processes' CPU use, see
+    ``busy_before_measuring``), ``cpu_clock`` the
     process's CPU seconds (default: ``cpu_time``); against the ``timer``'s wall time they tell
     whether the process got the CPU its ``threads`` (default: torch's) asked for, unless
     ``check_cpu`` is off (a GPU measurement).
     """
-    load = load or load_average
     cpu_clock = (cpu_clock or cpu_time) if check_cpu else None
     keys = list(dict.fromkeys(keys))
     if not keys:
@@ -136,8 +184,7 @@ def time_rounds(keys: Iterable[Hashable], run: Callable[[Hashable], Any], *, pre
 
         threads = torch.get_num_threads()
     cores = cores or os.cpu_count() or 1
-    load_before = load()
-    busy = f"the 1-minute load average was {load_before:.2f} on {cores} cores" if load_before is not None and load_before > cores else None
+    load_before, busy = busy_before_measuring(cores, threads, load)
     last_round = min_rounds if busy and quick_if_busy else max_rounds
     order = random.Random(seed)
 
@@ -179,7 +226,7 @@ def time_rounds(keys: Iterable[Hashable], run: Callable[[Hashable], Any], *, pre
             n = min(threads, cores)
             starved = (f"the process got {cpu_share:.0%} of the CPU time its {n} thread{'s' if n > 1 else ''} could use "
                        "while measuring (another process was running")
-            load_said = "" if busy or load_before is None else f"; the load average before was {load_before:.2f} on {cores} cores"
+            load_said = "" if busy or load_before is None else f"; the load before was {load_before:.2f} on {cores} cores"
             busy = f"{busy}; {starved})" if busy else f"{starved}{load_said})"
     return Measurement(samples, rounds, seconds, drift if rounds > 1 else math.inf, stable, load_before, cores,
                        cpu_share, busy, label)
