@@ -558,6 +558,24 @@ def _identity_lines(report: dict) -> list[str]:
     return ["", f"identity: {tie['rule']}"] if tie and tie.get("rule") else []
 
 
+def _best_length_lines(report: dict, *, always_name: bool = False) -> list[str]:
+    """The swept draft length that measured fastest, per drafter. Nothing with one length (nothing
+    was chosen); under goodput control the swept k is a cap the engine chose below per step, and
+    the line says so."""
+    best = report.get("best_draft_length") or {}
+    if len(report["num_draft_tokens"]) < 2 or not best:
+        return []
+    goodput = report.get("control") == "goodput"
+    lines = [""]
+    for key, b in best.items():
+        who = f" ({key})" if always_name or key != "drafter" else ""
+        lines.append(f"best draft {'length cap' if goodput else 'length'}{who} by measured speedup: k={b['num_draft_tokens']} "
+                     f"(`{b['method']}`, {b['speedup']:.2f}x, tau {b['tau']:.2f})")
+    if goodput:
+        lines.append("(goodput control chose each step's draft length up to the cap)")
+    return lines
+
+
 def _prediction_lines(report: dict) -> list[str]:
     """Training's predicted chain tau beside the tau measured, per method of a drafter that recorded it."""
     rows = [(name, m["predicted_tau"]) for name, m in report["methods"].items() if m.get("predicted_tau")]
@@ -575,14 +593,7 @@ def _prediction_lines(report: dict) -> list[str]:
 
 def markdown_table(report: dict) -> str:
     if len(report.get("drafters") or []) > 1:
-        lines = _markdown_side_by_side(report)
-        # with one draft length there is nothing to choose
-        best = (report.get("best_draft_length") or {}) if len(report["num_draft_tokens"]) > 1 else {}
-        if best:
-            lines.append("")
-        for key, b in best.items():
-            lines.append(f"best draft length ({key}) by measured speedup: k={b['num_draft_tokens']} "
-                         f"(`{b['method']}`, {b['speedup']:.2f}x, tau {b['tau']:.2f})")
+        lines = _markdown_side_by_side(report) + _best_length_lines(report, always_name=True)
         lines += _prediction_lines(report) + _identity_lines(report)
         return "\n".join(lines) + "\n"
     lines = [
@@ -600,14 +611,7 @@ def markdown_table(report: dict) -> str:
     for name, m in report["methods"].items():
         acc, tau, ident = _cells(m)
         lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {tau} | {acc} | {ident} |")
-    lines += _parts_lines(report)
-    best = report.get("best_draft_length") or {}
-    if best:
-        lines.append("")
-    for key, b in best.items():
-        who = "" if key == "drafter" else f" ({key})"
-        lines.append(f"best draft length{who} by measured speedup: k={b['num_draft_tokens']} "
-                     f"(`{b['method']}`, {b['speedup']:.2f}x, tau {b['tau']:.2f})")
+    lines += _parts_lines(report) + _best_length_lines(report)
     lines += _prediction_lines(report) + _identity_lines(report)
     return "\n".join(lines) + "\n"
 

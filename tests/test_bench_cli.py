@@ -252,7 +252,9 @@ def test_bench_two_drafters_with_a_draft_length_sweep(tiny_dirs, tmp_path):
                                       "speculative[ngram,k=1]", "speculative[ngram,k=3]"}
     assert all(m["identical_to_verifier"] is True for m in report["methods"].values())
     assert set(report["best_draft_length"]) == {"medusa:medusa", "ngram"}
-    assert "best draft length (ngram) by measured speedup" in (tmp_path / "out" / "report.md").read_text()
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "best draft length cap (ngram) by measured speedup" in table  # goodput control: k is a cap
+    assert "(goodput control chose each step's draft length up to the cap)" in table
 
 
 def test_drafter_labels_tell_apart_runs_with_the_same_folder_names():

@@ -355,7 +355,21 @@ def test_bench_names_the_draft_length_with_the_best_measured_speedup():
     assert {m["num_draft_tokens"] for m in swept.values()} == {1, 3}
     winner = max(swept, key=lambda n: swept[n]["speedup"])
     assert best["method"] == winner and best["num_draft_tokens"] == swept[winner]["num_draft_tokens"]
-    assert f"best draft length by measured speedup: k={best['num_draft_tokens']}" in markdown_table(report)
+    assert f"best draft length cap by measured speedup: k={best['num_draft_tokens']}" in markdown_table(report)
+    fixed = run_benchmark(v, drafter, [[5, 9, 13, 5, 9]], BenchConfig(max_new_tokens=8, num_draft_tokens=(1, 3), control="fixed",
+                                                                       hf_baselines=False), progress=False)
+    assert "best draft length by measured speedup: k=" in markdown_table(fixed)
+
+
+def test_one_draft_length_names_no_best_length():
+    """Nothing was chosen between lengths, so no line says one was (the demo used to print 'k=4')."""
+    from conftest import cached_verifier, noisy_model
+    from specheads.bench import BenchConfig, markdown_table, run_benchmark
+
+    v = cached_verifier("llama")
+    drafter = DraftModelDrafter(noisy_model("llama"), VOCAB)
+    report = run_benchmark(v, drafter, [[5, 9, 13, 5, 9]], BenchConfig(max_new_tokens=8, num_draft_tokens=(4,), hf_baselines=False), progress=False)
+    assert "best draft" not in markdown_table(report)
 
 
 DDP_SCRIPT = r"""
