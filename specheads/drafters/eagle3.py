@@ -289,12 +289,119 @@ def _ttt_attention(q, keys, values, att, causal):
     return out
 
 
-def init_from_verifier(model: Eagle3Model, verifier) -> None:
+# drafter.init_qkv_input: where the verifier layer's H-wide q/k/v columns go in the first layer's
+# 2H-wide input cat(norm(embed), norm(feature)), as (embed half, feature half) scales.
+QKV_INPUTS = {"feature": (0.0, 1.0), "embed": (1.0, 0.0), "split": (0.5, 0.5)}
+# drafter.init_fc: random = as built; last = the identity on the deepest aux feature's block (the
+# fused feature is that hidden state); mean = identity / n_aux on every block (their average).
+FC_INITS = ("random", "last", "mean")
+
+
+def init_from_verifier(model: Eagle3Model, verifier, *, layer: int | None = None, qkv_input: str = "feature",
+                       fc: str = "random") -> None:
     """Start the LM head at the verifier's rows for the draft vocabulary: the drafter's output
-    space is the verifier's last hidden space, so this is a far better start than random."""
+    space is the verifier's last hidden space, so this is a far better start than random.
+
+    ``layer`` (drafter.init_layer): drafter layer i starts as verifier decoder layer ``layer`` + i
+    (``layer_init_sources``), the drafter's final norm as the verifier's. The first layer's q/k/v
+    read 2H wide; ``qkv_input`` (``QKV_INPUTS``) says which half gets the verifier's columns.
+    ``fc`` (``FC_INITS``): with ``last``, ``feature`` and ``layer`` = the deepest aux id, the
+    first layer computes exactly that verifier layer on real rows."""
     head = verifier.model.get_output_embeddings().weight.detach().float().cpu()
     with torch.no_grad():
         model.lm_head.weight.copy_(head[model.draft_to_target().cpu()])
+        if layer is not None:
+            per_layer, final_norm = layer_init_sources(model.config, verifier, layer)
+            embed_scale, feature_scale = QKV_INPUTS[qkv_input]
+            for target, sources in zip(model.layer_stack, per_layer):
+                for name, source in sources.items():
+                    param = target.get_parameter(name)
+                    source = source.detach().to(param.device, param.dtype)
+                    if source.shape != param.shape:  # the first layer's q/k/v: [embed half | feature half]
+                        source = torch.cat([source * embed_scale, source * feature_scale], 1)
+                    param.copy_(source)
+            model.norm.weight.copy_(final_norm.detach())
+        if fc != "random":
+            ids = model.config.aux_layer_ids
+            eye = torch.eye(model.config.hidden_size)
+            deepest = ids.index(max(ids))
+            blocks = [eye / len(ids) if fc == "mean" else eye * float(j == deepest) for j in range(len(ids))]
+            model.fc.weight.copy_(torch.cat(blocks, 1))
+
+
+def layer_init_sources(cfg: Eagle3Config, verifier, first: int) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """([per drafter layer i: {its parameter name: the tensor of verifier layer ``first`` + i that
+    starts it}], the verifier's final norm weight), checked without copying anything, so that a
+    recipe is refused before its data is made: the layers exist, are whole on this process (not
+    sharded), and are Llama layers of the drafter's shapes (q/k/v/o, a SiLU gate/up/down MLP, two
+    RMSNorms, nothing else: a bias or q/k norm the drafter has no place for is named). The first
+    layer's ``hidden_norm`` (over the feature half) starts as the ``input_layernorm`` it stands in
+    for; its q/k/v sources are H wide."""
+    from ..training.sharded_verifier import decoder_layers, sharded
+
+    key = f"drafter.init_layer={first!r}"
+    n = cfg.num_verifier_layers
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= n - cfg.num_layers:
+        many = isinstance(first, int) and 0 <= first < n  # the first exists, a later drafter layer's does not
+        why = f" (drafter layer i starts from verifier layer init_layer + i, i < drafter.num_layers={cfg.num_layers})" if many else ""
+        raise SpecHeadsError(f"{key}: verifier layer {n if many else first!r} does not exist{why}; the verifier has {n} "
+                             f"decoder layers, 0..{n - 1}")
+    info = sharded(verifier.model)
+    if info is not None:
+        raise SpecHeadsError(f"{key} copies a verifier layer's weights, which verifier.shard={info.mode} splits across "
+                             f"{info.processes} processes: not supported (they are not gathered for it); leave drafter.init_layer "
+                             "unset, or load the verifier whole (verifier.shard: none)")
+    text_cfg = verifier.config.get_text_config() if hasattr(verifier.config, "get_text_config") else verifier.config
+    act = next((getattr(text_cfg, k) for k in ("hidden_act", "hidden_activation", "activation_function") if getattr(text_cfg, k, None)), None)
+    if act not in ("silu", "swish"):
+        raise SpecHeadsError(f"{key}: the verifier's MLP activation is {act!r}; the drafter's Llama MLP is SiLU")
+    try:
+        layers = decoder_layers(verifier.model)
+        final_norm = verifier.model.get_decoder().norm
+    except (SpecHeadsError, AttributeError):
+        raise SpecHeadsError(f"{key}: {type(verifier.model).__name__} has no list of decoder layers and final norm to copy from") from None
+    with torch.device("meta"):  # the drafter's shapes, in no memory
+        llama_cfg = cfg.llama_config()
+        targets = [DecoderLayer(cfg, llama_cfg, first=i == 0) for i in range(cfg.num_layers)]
+    per_layer = []
+    for i, target in enumerate(targets):
+        j = first + i
+        where = f"{key}: verifier layer {j} ({type(layers[j]).__name__})"
+        source = dict(layers[j].named_parameters())
+        picked = {}
+        for name, param in target.named_parameters():
+            src_name = "input_layernorm.weight" if name == "hidden_norm.weight" else name
+            want = list(param.shape)
+            if i == 0 and name.split(".")[-2] in ("q_proj", "k_proj", "v_proj"):
+                want[1] = cfg.hidden_size  # the drafter's is 2H wide: the verifier's fills its halves
+            if src_name not in source:
+                raise SpecHeadsError(f"{where} has no tensor {src_name} (the drafter's is {want}); it has {', '.join(source)}")
+            if list(source[src_name].shape) != want:
+                raise SpecHeadsError(f"{where}: its {src_name} is {list(source[src_name].shape)}, the drafter's is {want}")
+            picked[name] = source[src_name]
+        extra = [name for name in source if all(t is not source[name] for t in picked.values())]
+        if extra:
+            raise SpecHeadsError(f"{where} has {', '.join(extra)}, which the drafter's Llama layer has no place for")
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            _check_rms_norm(layers[j].get_submodule(name), cfg.rms_norm_eps, f"{where}: its {name}")
+        per_layer.append(picked)
+    if list(final_norm.weight.shape) != [cfg.hidden_size]:
+        raise SpecHeadsError(f"{key}: the verifier's final norm weight is {list(final_norm.weight.shape)}, the drafter's is [{cfg.hidden_size}]")
+    _check_rms_norm(final_norm, cfg.rms_norm_eps, f"{key}: the verifier's final norm")
+    return per_layer, final_norm.weight
+
+
+@torch.no_grad()
+def _check_rms_norm(norm, eps: float, what: str) -> None:
+    """Refuse a norm that is not Llama's RMSNorm x / rms(x) * weight (Gemma's scales by 1 + weight,
+    LayerNorm subtracts the mean): its weight would mean something else in the drafter."""
+    w = getattr(norm, "weight", None)
+    if w is None:
+        raise SpecHeadsError(f"{what} ({type(norm).__name__}) has no weight")
+    x = torch.linspace(-2.0, 3.0, 2 * w.numel(), device=w.device).view(2, -1)
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+    if not torch.allclose(norm(x.to(w.dtype)).float(), expected, rtol=2e-2, atol=1e-3):
+        raise SpecHeadsError(f"{what} ({type(norm).__name__}) does not compute Llama's RMSNorm, which the drafter's layer does")
 
 
 def draft_vocab_d2t(token_ids: torch.Tensor) -> torch.Tensor:
