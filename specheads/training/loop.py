@@ -215,7 +215,7 @@ class TrainingRun:
             self.objective.hidden_cache = _open_hidden_cache(acc, self.objective, self.train_ds, self.verifier, t)
         module = self.objective.module.to(acc.device)
         groups = self.objective.param_groups(module, t.lr, t.weight_decay)
-        optimizer = torch.optim.AdamW(groups)
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, t.adam_beta2))
         self.scheduler = _schedule(optimizer, t, len(groups))
         self.per_process = t.batch_size // self.P
         if self.per_process < 1 or self.per_process * self.P != t.batch_size:

@@ -69,6 +69,19 @@ class DrafterSection:
     # eagle3: the verifier hidden states fused, as transformers' hidden_states indices (id i = the
     # input to layer i, vLLM's convention); default (2, N // 2, N - 3) as vLLM's
     aux_layer_ids: list[int] | None = None
+    # (init_*: their effect on tau per CPU minute is measured in docs/eagle3.md, "τ per CPU minute")
+    # eagle3: start drafter layer i as the verifier's decoder layer init_layer + i (0..N-1): its
+    # q/k/v/o, MLP and both norms (input_layernorm also as the feature half's hidden_norm), and the
+    # drafter's final norm as the verifier's; unset: random layers. Llama-style layers only (no
+    # biases or q/k norms); a verifier sharded over several processes (verifier.shard) is refused.
+    init_layer: int | None = None
+    # eagle3 with init_layer: where the verifier's H-wide q/k/v columns go in the first layer's
+    # 2H-wide input cat(norm(embed), norm(feature)): feature | embed half (the other zero) | split (both, x 0.5)
+    init_qkv_input: str = "feature"
+    # eagle3: fc (n_aux*H -> H) starts random | last (the identity on the deepest aux id's block,
+    # others zero: with init_layer = that id and init_qkv_input feature, the drafter starts as that
+    # verifier layer exactly on real rows) | mean (identity / n_aux on every block)
+    init_fc: str = "random"
     student: StudentSection | None = None  # draft_model only; defaults to StudentSection()
 
 
@@ -144,6 +157,11 @@ class ObjectiveSection:
     # eagle3 only: training-time test unrolls ttt_steps draft steps; step i weighs ttt_decay ** i
     ttt_steps: int = 7
     ttt_decay: float = 0.8
+    # eagle3 only: a step's loss sum divided by the positions it scores (valid: answer positions
+    # whose verifier argmax is in the draft vocabulary) or by every position of the padded batch
+    # (all: batch x length, the original EAGLE-3 trainer's mean, which weighs later steps less;
+    # measured in docs/eagle3.md, "τ per CPU minute")
+    loss_normalization: str = "valid"
     # draft_model only:
     temperature: float = 1.0  # applied to both distributions before the divergence
     jsd_beta: float = 0.5  # jsd: weight of the verifier in the mixture; 0 = fkl, 1 = rkl
@@ -174,6 +192,9 @@ class TrainingSection:
     gradient_accumulation_steps: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # AdamW's betas are (0.9, adam_beta2); the original EAGLE-3 trainer uses 0.95 (and max_grad_norm
+    # 0.5): measured for EAGLE-3 in docs/eagle3.md, "τ per CPU minute"
+    adam_beta2: float = 0.999
     warmup_steps: int = 20
     max_steps: int = 300
     max_grad_norm: float = 1.0  # 0 = no clipping
@@ -227,6 +248,7 @@ class Recipe:
             ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps >= 1),
             ("training.lr", t.lr, t.lr > 0),
             ("training.weight_decay", t.weight_decay, t.weight_decay >= 0),
+            ("training.adam_beta2", t.adam_beta2, 0 < t.adam_beta2 < 1),
             ("training.max_grad_norm", t.max_grad_norm, t.max_grad_norm is None or t.max_grad_norm >= 0),
             ("training.max_steps", t.max_steps, t.max_steps >= 1),
             ("training.warmup_steps", t.warmup_steps, 0 <= t.warmup_steps),
@@ -313,11 +335,15 @@ OWNED_SETTINGS: dict[str, tuple[str, ...]] = {
     "drafter.draft_vocab_size": ("medusa", "eagle3"),
     "drafter.shared_lm_head": ("medusa",),
     "drafter.aux_layer_ids": ("eagle3",),
+    "drafter.init_layer": ("eagle3",),
+    "drafter.init_qkv_input": ("eagle3",),
+    "drafter.init_fc": ("eagle3",),
     "drafter.student": ("draft_model",),
     "objective.head_decay": ("medusa",),
     "objective.train_lm_heads": ("medusa",),
     "objective.ttt_steps": ("eagle3",),
     "objective.ttt_decay": ("eagle3",),
+    "objective.loss_normalization": ("eagle3",),
     "training.lora": ("medusa",),
     **{f"objective.{k}": ("draft_model",) for k in _DISTILL_ONLY},
 }

@@ -6,7 +6,10 @@ first step. Step i at index t predicts the token at t + 2 + i; its target is the
 distribution at t + 1 + i restricted to the draft vocabulary and renormalised (soft
 cross-entropy), weighted ``ttt_decay ** i``. Positions whose verifier argmax lies outside the
 draft vocabulary are left out of the loss (no draft could be accepted there), but evaluation
-counts them as misses, so its acceptance is what decoding will see.
+counts them as misses, so its acceptance is what decoding will see. Each step's sum is divided
+by the positions it scores (``loss_normalization: valid``) or, as the original EAGLE-3 trainer's
+``.mean()`` does, by every position of the padded batch (``all``: batch x length for every step,
+so the later steps, which score fewer positions, weigh a little less).
 
 What the frozen verifier contributes per token (its ``aux_layer_ids`` hidden states, its last
 hidden state for the target distribution, and its argmax) is kept on disk
@@ -21,12 +24,14 @@ from __future__ import annotations
 import torch
 
 from ...draft_vocab import build_token_map
-from ...drafters.eagle3 import Eagle3Config, Eagle3Model, draft_vocab_d2t, init_from_verifier, save_eagle3
+from ...drafters.eagle3 import (FC_INITS, QKV_INPUTS, Eagle3Config, Eagle3Model, draft_vocab_d2t, init_from_verifier,
+                                layer_init_sources, save_eagle3)
 from ...errors import SpecHeadsError
 from ..features import UNKNOWN_ARGMAX, FeatureStore, tokens_key
 from ..sharded_verifier import all_agree
 
 LOSSES = ("soft",)
+LOSS_NORMALIZATIONS = ("valid", "all")  # objective.loss_normalization: what a step's loss sum is divided by
 RANKS = 4  # choices per step counted at evaluation (what a tree of top-k children could accept)
 EVAL_STEPS = 5  # draft steps evaluated at least (a chain of 5 for the chain-tau estimate)
 
@@ -57,12 +62,23 @@ def check_recipe(recipe) -> None:
             raise SpecHeadsError(f"recipe value {key}={value!r} is out of range")
     if dr.aux_layer_ids is not None and (not isinstance(dr.aux_layer_ids, list) or not dr.aux_layer_ids):
         raise SpecHeadsError(f"recipe value drafter.aux_layer_ids={dr.aux_layer_ids!r} must be a non-empty list of layer ids")
+    for key, value, allowed in (("drafter.init_qkv_input", dr.init_qkv_input, tuple(QKV_INPUTS)), ("drafter.init_fc", dr.init_fc, FC_INITS),
+                                ("objective.loss_normalization", o.loss_normalization, LOSS_NORMALIZATIONS)):
+        if value not in allowed:
+            raise SpecHeadsError(f"recipe value {key}={value!r} is not one of {', '.join(allowed)}")
+    if dr.init_layer is not None and (isinstance(dr.init_layer, bool) or not isinstance(dr.init_layer, int) or dr.init_layer < 0):
+        raise SpecHeadsError(f"recipe value drafter.init_layer={dr.init_layer!r} must be a verifier decoder layer index (0, 1, ...)")
+    if dr.init_layer is None and dr.init_qkv_input != "feature":
+        raise SpecHeadsError(f"recipe value drafter.init_qkv_input={dr.init_qkv_input!r} places a verifier layer's q/k/v: it needs drafter.init_layer")
 
 
 def check_for_verifier(recipe, verifier) -> None:
-    """Aux layer ids and the draft vocabulary size against the verifier, before any data is made."""
-    Eagle3Config.from_verifier(verifier, recipe.drafter.draft_vocab_size or verifier.vocab_size,
-                               recipe.drafter.aux_layer_ids, recipe.drafter.num_layers)
+    """Aux layer ids, the draft vocabulary size and the verifier layer the drafter starts from
+    (drafter.init_layer) against the verifier, before any data is made."""
+    cfg = Eagle3Config.from_verifier(verifier, recipe.drafter.draft_vocab_size or verifier.vocab_size,
+                                     recipe.drafter.aux_layer_ids, recipe.drafter.num_layers)
+    if recipe.drafter.init_layer is not None:
+        layer_init_sources(cfg, verifier, recipe.drafter.init_layer)
 
 
 def feature_capture(recipe, verifier):
@@ -91,10 +107,13 @@ class Eagle3Objective:
         self.verifier = verifier
         cfg = Eagle3Config.from_verifier(verifier, int(token_map.numel()), drafter_cfg.aux_layer_ids, drafter_cfg.num_layers)
         model = Eagle3Model(cfg, d2t=draft_vocab_d2t(token_map))
-        init_from_verifier(model, verifier)
+        # (getattr: scripts and tests pass namespaces with the older keys only)
+        init_from_verifier(model, verifier, layer=getattr(drafter_cfg, "init_layer", None),
+                           qkv_input=getattr(drafter_cfg, "init_qkv_input", "feature"), fc=getattr(drafter_cfg, "init_fc", "random"))
         self.config = cfg
         self.module = model
         self.steps = objective_cfg.ttt_steps
+        self.normalization = getattr(objective_cfg, "loss_normalization", "valid")
         self.weights = [objective_cfg.ttt_decay**i for i in range(self.steps)]
         V = verifier.vocab_size
         self.draft_ids = model.draft_to_target()  # draft id -> verifier id
@@ -190,6 +209,7 @@ class Eagle3Objective:
         normalize = normalize or (lambda count: count)
         total = None
         metrics = {}
+        positions = float(batch["input_ids"].numel())  # loss_normalization all: every position of the padded batch
         for i, row in enumerate(self._steps(module, batch, self.steps)):
             if row is None:
                 continue
@@ -198,7 +218,8 @@ class Eagle3Objective:
             in_vocab = (self.to_draft.to(argmax.device)[argmax.clamp_min(0)] >= 0) | (argmax == UNKNOWN_ARGMAX)
             logq = torch.log_softmax(student[in_vocab].float(), -1)
             step_sum = -(target[in_vocab].exp() * logq).sum()
-            step_loss = step_sum / normalize(in_vocab.sum().float()).clamp_min(1.0)
+            count = in_vocab.sum().float() if self.normalization == "valid" else step_sum.new_tensor(positions)
+            step_loss = step_sum / normalize(count).clamp_min(1.0)
             total = self.weights[i] * step_loss if total is None else total + self.weights[i] * step_loss
             metrics[f"loss/step{i}"] = float(step_loss.detach())
         if total is None:  # a batch with no answer position to predict
