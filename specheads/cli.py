@@ -494,8 +494,38 @@ DEMO_RECIPES = {"eagle3": "recipes/smollm2_eagle3_quick.yaml", "medusa": "recipe
 DEMO_NAMES = {"eagle3": "EAGLE-3 drafter", "medusa": "Medusa heads"}
 
 
+def _demo_suffix_index(recipe, verifier_name: str, trust_remote_code: bool) -> str | None:
+    """The suffix index of the verifier's own answers from the recipe's self-distilled data (built
+    once, next to the drafter), or None when the recipe trains on other data."""
+    import os
+
+    from .drafters.suffix_index import build_corpus_index
+    from .verifier import load_verifier
+
+    sd = recipe.data.self_distill
+    if sd is None or not os.path.isdir(sd.output_dir):
+        return None
+    path = os.path.join(recipe.training.output_dir, "suffix_answers.safetensors")
+    if not os.path.isfile(path):
+        verifier = load_verifier(verifier_name, dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
+        index = build_corpus_index(sd.output_dir, verifier, path)
+        print(f"[specheads] suffix index of the verifier's {index.meta['num_conversations']} answers from the training data: "
+              f"{index.num_tokens} tokens in {path}", flush=True)
+    return path
+
+
+def demo_methods(final: str, lookup: str, index: str | None) -> dict[str, str]:
+    """What the demo benches side by side, by role: the trained drafter alone, the lookups without
+    it, and the hybrid of both (the lookups' suffix part also searches the verifier's answers)."""
+    if lookup == "none":
+        return {"trained": final}
+    parts = [f"suffix:{index}" if p == "suffix" and index else p for p in lookup.split("+")]
+    return {"trained": final, "lookups": "+".join(parts), "hybrid": "+".join([final, *parts])}
+
+
 def cmd_demo(args) -> int:
-    """Train the quick recipe's drafter (EAGLE-3 by default), benchmark it, print the speedup."""
+    """Train the quick recipe's drafter (EAGLE-3 by default), benchmark it alone, the lookups without
+    it and the hybrid of both, side by side, and print what each part adds."""
     import os
 
     from .training.loop import train
@@ -512,18 +542,40 @@ def cmd_demo(args) -> int:
         final = train(recipe, resume=not args.retrain)
     else:
         print(f"[specheads] step 1/2: using the trained drafter in {final} (--retrain to train again)", flush=True)
-    print("[specheads] step 2/2: benchmark against plain decoding", flush=True)
-    args.drafter = final if args.lookup == "none" else f"{final}+{args.lookup}"
+    index = _demo_suffix_index(recipe, args.verifier, args.trust_remote_code) if "suffix" in args.lookup else None
+    roles = demo_methods(final, args.lookup, index)
+    print(f"[specheads] step 2/2: benchmark {', '.join(roles)} against plain decoding", flush=True)
+    args.drafter = ",".join(roles.values())
     report = run_bench(args)
-    for n in [n for n in report["methods"] if n.startswith("speculative")]:
-        m = report["methods"][n]
-        detail = m.get("detail") or report["drafter_detail"]
-        print(
-            f"\n{name} ({detail}) on {report['verifier']} ({report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, "
-            f"T={report['temperature']}): tau {m['tau']:.2f}, speedup {m['speedup']:.2f}x over plain decoding, "
-            f"identical to the verifier: {m.get('identity') or '- (sampled)'}\ndrafter checkpoint: {final}\nreport: {args.output}/report.json"
-        )
+    print("\n" + demo_summary(report, roles, name, final, args.output))
     return 0
+
+
+def demo_summary(report: dict, roles: dict[str, str], name: str, final: str, output: str) -> str:
+    """The demo's closing lines: each role's tau and speedup, the hybrid's parts' shares of the
+    accepted draft tokens, and what the trained drafter adds to the lookups."""
+    methods = {n: m for n, m in report["methods"].items() if n.startswith("speculative")}
+    labels = {d.get("spec"): d.get("label") for d in report.get("drafters") or []}
+    by_role = {role: next((m for m in methods.values() if m.get("drafter") == labels.get(spec)), None) for role, spec in roles.items()}
+    if len(roles) == 1:  # one drafter alone: its method carries no drafter label
+        by_role = dict(zip(roles, methods.values()))
+    what = {"trained": f"{name} alone", "lookups": "lookups without it", "hybrid": f"hybrid of the {name} and the lookups"}
+    lines = [f"{report['verifier']}, {report['num_prompts']} prompts, {report['max_new_tokens']} new tokens, T={report['temperature']}, "
+             f"{report['dtype']}, plain decoding {report['methods']['plain']['tokens_per_s']:.1f} tokens/s:"]
+    for role, m in by_role.items():
+        if m is None:
+            continue
+        lines.append(f"  {what[role]:<45} tau {m['tau']:.2f}, speedup {m['speedup']:.2f}x, identical to the verifier: "
+                     f"{m.get('identity') or '- (sampled)'}   ({roles[role]})")
+    hybrid, lookups = by_role.get("hybrid"), by_role.get("lookups")
+    if hybrid and hybrid.get("parts"):
+        shares = ", ".join(f"{p['name']} {p['accepted_share']:.0%}" for p in hybrid["parts"])
+        lines.append(f"  share of the hybrid's accepted draft tokens each part proposed: {shares}")
+    if hybrid and lookups:
+        lines.append(f"  the trained drafter adds {hybrid['speedup'] / lookups['speedup']:.2f}x to the lookups "
+                     f"(hybrid {hybrid['speedup']:.2f}x against {lookups['speedup']:.2f}x, measured in the same run)")
+    lines.append(f"drafter checkpoint: {final}\nreport: {output}/report.json")
+    return "\n".join(lines)
 
 
 def cmd_draft_vocab(args) -> int:
@@ -890,9 +942,10 @@ def build_parser() -> argparse.ArgumentParser:
                    + ", ".join(f"{k}: {v}" for k, v in DEMO_RECIPES.items()) + ")")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     p.add_argument("--retrain", action="store_true", help="train from scratch even if the recipe's drafter exists")
-    p.add_argument("--lookup", default="ngram", choices=["ngram", "suffix", "ngram+suffix", "none"],
-                   help="training-free drafters benchmarked together with the trained one as a hybrid (their candidate trees "
-                   "merged each step; goodput control keeps what pays); none: the trained drafter alone (default: %(default)s)")
+    p.add_argument("--lookup", default="ngram+suffix", choices=["ngram", "suffix", "ngram+suffix", "none"],
+                   help="training-free drafters benched without the trained one and with it as a hybrid (goodput control runs "
+                   "each part only when it pays); the suffix part also searches the verifier's own answers from the training "
+                   "data; none: the trained drafter alone (default: %(default)s)")
     p.set_defaults(num_prompts=5)
     p.set_defaults(func=cmd_demo)
     return parser

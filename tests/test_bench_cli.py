@@ -273,3 +273,32 @@ def test_shipped_prompt_sets_where_drafts_struggle():
     assert len(translation) == 20 and all(p.startswith("Translate the following text into ") for p in translation)
     rand = load_prompts("random", limit=5)
     assert len(rand) == 5 and rand == load_prompts("random")[:5] and len(set(rand)) == 5  # fixed seed, all different
+
+
+def test_demo_benches_the_trained_drafter_the_lookups_and_their_hybrid_side_by_side(tiny_dirs, tmp_path):
+    """The demo's three roles in one bench run, and its closing lines read from that run's report:
+    each role's tau and speedup, the hybrid's per-part shares, and the hybrid over the lookups."""
+    import shutil
+
+    from specheads.cli import demo_methods, demo_summary
+
+    draft = tmp_path / "runs" / "quick" / "drafter"
+    shutil.copytree(tiny_dirs["draft"], draft)
+    roles = demo_methods(str(draft), "ngram+suffix", None)
+    assert roles == {"trained": str(draft), "lookups": "ngram+suffix", "hybrid": f"{draft}+ngram+suffix"}
+    assert demo_methods(str(draft), "ngram+suffix", "idx.safetensors")["hybrid"] == f"{draft}+ngram+suffix:idx.safetensors"
+    assert demo_methods(str(draft), "none", None) == {"trained": str(draft)}
+    out = tmp_path / "out"
+    assert main(bench_args(tiny_dirs, out, ",".join(roles.values()), "--no-hf")) == 0
+    report = json.loads((out / "report.json").read_text())
+    text = demo_summary(report, roles, "draft model", str(draft), str(out))
+    methods = [m for n, m in report["methods"].items() if n.startswith("speculative")]
+    assert len(methods) == 3 and all(m["identical_to_verifier"] for m in methods)
+    lines = text.splitlines()
+    for role, m in zip(("draft model alone", "lookups without it", "hybrid of the draft model and the lookups"), methods):
+        (line,) = [ln for ln in lines if ln.strip().startswith(role)]
+        assert f"tau {m['tau']:.2f}, speedup {m['speedup']:.2f}x" in line
+    hybrid, lookups = methods[2], methods[1]
+    shares = ", ".join(f"{p['name']} {p['accepted_share']:.0%}" for p in hybrid["parts"])
+    assert f"share of the hybrid's accepted draft tokens each part proposed: {shares}" in text
+    assert f"the trained drafter adds {hybrid['speedup'] / lookups['speedup']:.2f}x to the lookups" in text
