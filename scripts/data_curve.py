@@ -72,7 +72,7 @@ def point_sets(kind: str, size: int, epochs: int, out: Path, batch: int, sd_toke
     return sets, steps
 
 
-def tau_eval(drafter: str, prompts: list[str], max_new: int, threads: int) -> dict:
+def tau_eval(drafter: str, prompts: list[str], max_new: int, threads: int, trees: tuple[str, ...] = ("chain3", "dyn16")) -> dict:
     """τ and acceptance per position on the prompts, chain of 3 and dynamic tree, every drafted token verified."""
     import torch
 
@@ -84,7 +84,7 @@ def tau_eval(drafter: str, prompts: list[str], max_new: int, threads: int) -> di
     torch.set_num_threads(threads)
     v = load_verifier("smollm2-135m", dtype="auto")
     out = {}
-    for name, tree, k in (("chain3", "chain", 3), ("dyn16", "dyn16", 5)):
+    for name, tree, k in [t for t in (("chain3", "chain", 3), ("dyn16", "dyn16", 5)) if t[0] in trees]:
         d = build_drafter(drafter, v, tree=tree)
         dec = SpeculativeDecoder(v, d, num_draft_tokens=k, control="fixed")
         total = DecodingStats()
