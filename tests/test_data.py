@@ -113,6 +113,23 @@ def test_layout_manifest_and_stats(reference, verifier):
     assert len(load_self_distilled(out)) == 6
 
 
+def test_prompts_whose_answers_training_would_cut_away_are_skipped_and_counted(verifier, reference, tmp_path):
+    """With train_length (data.max_length), a prompt that leaves less than half of max_new_tokens
+    before it is not answered: its answer would be generated only to be cut away. The others are
+    answered exactly as without the limit."""
+    expected, _ = reference
+    lengths = [len(verifier.encode(p)) for p in PROMPTS]
+    limit = sorted(lengths)[len(lengths) // 2] + 6  # 12 new tokens: a prompt may have up to limit - 6 tokens
+    kept = [r for r, n in zip(expected, lengths) if n + 6 <= limit]
+    assert 0 < len(kept) < len(PROMPTS)
+    out = tmp_path / "sd"
+    assert rows(run(verifier, PROMPTS, out, train_length=limit)) == kept
+    run_stats = json.loads((out / "manifest.json").read_text())["runs"][-1]
+    assert run_stats["skipped_too_long_to_train"] == len(PROMPTS) - len(kept) and run_stats["skipped_too_long"] == 0
+    with pytest.raises(SpecHeadsError, match=r"answered none of the 6 prompts: .*data.max_length=3; raise data.max_length"):
+        run(verifier, PROMPTS, tmp_path / "none", train_length=3)
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(verifier, reference, tmp_path, monkeypatch):
     expected, _ = reference
     out = tmp_path / "sd"

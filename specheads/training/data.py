@@ -368,6 +368,7 @@ class _Generation:
     # generated (training.features), cut to the length training will read
     capture: tuple | None = None
     engine: Any = None  # the answer engine (answer_engines), built once there is something to answer
+    train_length: int | None = None  # data.max_length: a prompt must leave half of max_new_tokens before it
 
     def __post_init__(self):
         self.max_context = self.verifier.max_context
@@ -394,7 +395,15 @@ class _Generation:
         return _answer_batch(self, batch)
 
     def fits(self, ids: list[int]) -> bool:
-        return self.max_context is None or len(ids) + self.max_new_tokens <= self.max_context
+        return self.too_long(ids) is None
+
+    def too_long(self, ids: list[int]) -> str | None:
+        """Why the prompt ``ids`` is not answered (the stats key counting it), or None."""
+        if self.max_context is not None and len(ids) + self.max_new_tokens > self.max_context:
+            return "too_long"
+        if self.train_length is not None and len(ids) + -(-self.max_new_tokens // 2) > self.train_length:
+            return "too_long_to_train"
+        return None
 
 
 class _Processes:
@@ -426,6 +435,7 @@ def generate_self_distillation(
     capture: tuple | None = None,
     engine: str = "hf",
     engine_options=None,
+    train_length: int | None = None,
 ):
     """Let the verifier answer ``prompts`` and store the conversations under ``output_dir``.
 
@@ -443,6 +453,10 @@ def generate_self_distillation(
     ``engine``: who writes the answers, ``hf`` (``model.generate`` here), ``openai`` (OpenAI-compatible
     servers) or ``vllm`` (``vllm.LLM`` here), with ``engine_options`` (``answer_engines.EngineOptions``);
     the records have the same form whichever wrote them, and a folder may be resumed with another.
+    ``train_length``: the length training cuts conversations to (``data.max_length``). A prompt (or a
+    later turn's prompt) that leaves less than half of ``max_new_tokens`` before it is skipped and
+    counted: most of its answer would be generated only to be cut away, and one long prompt pads
+    its whole batch (ShareGPT's longest first turns made 139 of the quick recipe's 246 seconds).
     """
     from tqdm.auto import tqdm
 
@@ -460,7 +474,7 @@ def generate_self_distillation(
         raise SpecHeadsError(f"verifier '{verifier.name}' has no tokenizer: self-distillation needs one to encode prompts")
     prompts = _read_prompts(prompts)
     output_dir = Path(output_dir)
-    gen = _Generation(verifier, max_new_tokens, temperature, top_p, seed, batch_size, capture)
+    gen = _Generation(verifier, max_new_tokens, temperature, top_p, seed, batch_size, capture, train_length=train_length)
     manifest = _open_folder(output_dir, _verifier_info(verifier), gen.settings)
     procs = _Processes(accelerator)
     procs.barrier()  # every process has checked the folder before the main process writes in it
@@ -477,7 +491,7 @@ def generate_self_distillation(
     todo = _not_yet_stored(prompts, done)
     skipped = len(prompts) - len(todo)
     mine = _my_shards(todo, shard_size, stored, procs)
-    stats = {"prompts": 0, "generated_tokens": 0, "generate_seconds": 0.0, "too_long": 0, "shards": []}
+    stats = {"prompts": 0, "generated_tokens": 0, "generate_seconds": 0.0, "too_long": 0, "too_long_to_train": 0, "shards": []}
     started = time.perf_counter()
     show = progress and procs.is_main
     if mine:  # an engine (a server check, a vLLM start) only when there is something to answer
@@ -510,7 +524,12 @@ def generate_self_distillation(
         _close_manifest(output_dir, manifest, stored, stats, skipped, gen, procs.world)
     procs.barrier()  # the manifest is complete before any process reads the folder back
     summary = gen.engine.summary() if gen.engine is not None else ""
-    _report(stats, manifest, skipped, gen.max_context, output_dir, show=show, engine=summary)
+    _report(stats, manifest, skipped, gen.max_context, output_dir, show=show, engine=summary, train_length=gen.train_length)
+    if manifest["count"] == 0 and stats["too_long_to_train"]:
+        raise SpecHeadsError(
+            f"self-distillation answered none of the {stats['too_long_to_train'] + stats['too_long']} prompts: each one plus half of "
+            f"max_new_tokens={max_new_tokens} exceeds the training length data.max_length={gen.train_length}; raise "
+            "data.max_length or lower data.self_distill.max_new_tokens")
     return load_self_distilled(output_dir)
 
 
@@ -608,9 +627,10 @@ def _answer_shard(gen: _Generation, chunk: list, stats: dict, bar) -> list[dict]
             if scripts[i] is not None:
                 p = history[i] + [{"role": "user", "content": scripts[i][r]}]
             ids = gen.verifier.encode(p)
-            if not gen.fits(ids):
-                if i not in done:
-                    stats["too_long"] += 1
+            why = gen.too_long(ids)
+            if why:
+                if i not in done:  # a later turn that does not fit ends the conversation where it is
+                    stats[why] += 1
                 continue
             first_len.setdefault(i, len(ids))
             encoded.append((i, _Prompt(pid, p, ids)))
@@ -744,7 +764,7 @@ def _gather_stats(stats: dict, procs: _Processes) -> dict:
     from accelerate.utils import gather_object
 
     every = gather_object([stats])
-    total = {k: sum(s[k] for s in every) for k in ("prompts", "generated_tokens", "too_long")}
+    total = {k: sum(s[k] for s in every) for k in ("prompts", "generated_tokens", "too_long", "too_long_to_train")}
     total["shards"] = [shard for s in every for shard in s["shards"]]
     total["generate_seconds"] = max(s["generate_seconds"] for s in every)
     total["wall_seconds"] = max(s["wall_seconds"] for s in every)
@@ -769,7 +789,7 @@ def _close_manifest(output_dir: Path, manifest: dict, stored: list[dict], stats:
         manifest["shards"], manifest["count"] = shards, sum(s["count"] for s in shards)
     verifier = gen.verifier
     run = {
-        "prompts": stats["prompts"], "skipped_already_stored": skipped, "skipped_too_long": stats["too_long"],
+        "prompts": stats["prompts"], "skipped_already_stored": skipped, "skipped_too_long": stats["too_long"], "skipped_too_long_to_train": stats["too_long_to_train"],
         "generated_tokens": stats["generated_tokens"], "generate_seconds": round(stats["generate_seconds"], 3),
         "tokens_per_s": round(_tokens_per_s(stats), 2), "wall_seconds": round(stats["wall_seconds"], 3), "num_processes": world,
     }
@@ -782,10 +802,13 @@ def _close_manifest(output_dir: Path, manifest: dict, stored: list[dict], stats:
     write_json_atomic(output_dir / MANIFEST, manifest)
 
 
-def _report(stats: dict, manifest: dict, skipped: int, max_context, output_dir: Path, show: bool, engine: str = "") -> None:
+def _report(stats: dict, manifest: dict, skipped: int, max_context, output_dir: Path, show: bool, engine: str = "",
+            train_length: int | None = None) -> None:
     message = (
         f"self-distillation: {stats['prompts']} prompts answered ({skipped} already stored"
         + (f", {stats['too_long']} skipped: prompt + max_new_tokens > context {max_context}" if stats["too_long"] else "")
+        + (f", {stats['too_long_to_train']} skipped: prompt + max_new_tokens / 2 > the training length {train_length}"
+           if stats.get("too_long_to_train") else "")
         + f"), {stats['generated_tokens']} tokens in {stats['generate_seconds']:.1f} s = {_tokens_per_s(stats):.1f} tokens/s"
         + (f" (engine {stats['engine']['engine']}{engine})" if stats["engine"]["engine"] != "hf" else "")
         + f"; {manifest['count']} records in {output_dir}"

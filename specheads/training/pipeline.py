@@ -43,6 +43,7 @@ def prepare_datasets(recipe, verifier, accelerator=None):
             shard_size=max(64, 4 * width),
             accelerator=accelerator, capture=capture,
             engine=s.engine, engine_options=s.engine_options() if s.engine != "hf" else None,
+            train_length=d.max_length,
         )
         parts.append(load_conversations(s.output_dir, verifier, max_length=d.max_length))
     if d.conversations:
