@@ -373,6 +373,14 @@ def twin_overrides(recipe, out: str, verifier_dir: str, student_dir: str | None,
     sets.append(f"data.max_length={min(d.max_length, run.max_length)}")
     if dr.draft_vocab_size is not None and dr.draft_vocab_size > VERIFIER_SHAPE.vocab_size:
         sets.append(f"drafter.draft_vocab_size={VERIFIER_SHAPE.vocab_size}")
+    if dr.kind == "eagle3" and getattr(dr, "init_layer", None) is not None:
+        from .drafters.eagle3 import default_aux_layers
+
+        # recipes start the layer at the deepest aux layer (the one `init_fc: last` passes through)
+        layer = min(default_aux_layers(VERIFIER_SHAPE.num_layers)[-1], VERIFIER_SHAPE.num_layers - dr.num_layers)
+        sets.append(f"drafter.init_layer={layer}")
+        _note(f"drafter.init_layer {dr.init_layer} -> {layer} (the twin's deepest default aux layer; it has at most "
+              f"{VERIFIER_SHAPE.num_layers} layers)")
     if dr.kind == "draft_model" and dr.student is not None:
         st = dr.student
         if st.source == "model":
