@@ -394,9 +394,6 @@ class _Generation:
         """One batch through ``generate`` here (what the ``hf`` answer engine runs)."""
         return _answer_batch(self, batch)
 
-    def fits(self, ids: list[int]) -> bool:
-        return self.too_long(ids) is None
-
     def too_long(self, ids: list[int]) -> str | None:
         """Why the prompt ``ids`` is not answered (the stats key counting it), or None."""
         if self.max_context is not None and len(ids) + self.max_new_tokens > self.max_context:
