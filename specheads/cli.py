@@ -496,17 +496,20 @@ DEMO_NAMES = {"eagle3": "EAGLE-3 drafter", "medusa": "Medusa heads"}
 
 def _demo_suffix_index(recipe, verifier_name: str, trust_remote_code: bool) -> str | None:
     """The suffix index of the verifier's own answers from the recipe's self-distilled data (built
-    once, next to the drafter), or None when the recipe trains on other data."""
+    next to the drafter, again whenever the data changed after it), or None when the recipe trains
+    on other data."""
     import os
 
     from .drafters.suffix_index import build_corpus_index
+    from .training.data import MANIFEST
     from .verifier import load_verifier
 
     sd = recipe.data.self_distill
-    if sd is None or not os.path.isdir(sd.output_dir):
+    manifest = os.path.join(sd.output_dir, MANIFEST) if sd is not None else ""
+    if not os.path.isfile(manifest):
         return None
     path = os.path.join(recipe.training.output_dir, "suffix_answers.safetensors")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or os.path.getmtime(path) < os.path.getmtime(manifest):
         verifier = load_verifier(verifier_name, dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
         index = build_corpus_index(sd.output_dir, verifier, path)
         print(f"[specheads] suffix index of the verifier's {index.meta['num_conversations']} answers from the training data: "

@@ -302,3 +302,36 @@ def test_demo_benches_the_trained_drafter_the_lookups_and_their_hybrid_side_by_s
     shares = ", ".join(f"{p['name']} {p['accepted_share']:.0%}" for p in hybrid["parts"])
     assert f"share of the hybrid's accepted draft tokens each part proposed: {shares}" in text
     assert f"the trained drafter adds {hybrid['speedup'] / lookups['speedup']:.2f}x to the lookups" in text
+
+
+def test_the_demo_index_is_built_once_and_again_when_its_data_changed(tmp_path, monkeypatch):
+    """The demo's suffix index of the verifier's answers follows the self-distilled folder it was
+    built from: reused while the folder is unchanged, rebuilt after new answers were stored."""
+    import os
+    import types
+
+    from specheads import cli
+
+    data, out = tmp_path / "sd", tmp_path / "run"
+    recipe = types.SimpleNamespace(data=types.SimpleNamespace(self_distill=types.SimpleNamespace(output_dir=str(data))),
+                                   training=types.SimpleNamespace(output_dir=str(out)))
+    assert cli._demo_suffix_index(recipe, "v", False) is None  # no answers yet: nothing to index
+    data.mkdir()
+    out.mkdir()
+    (data / "manifest.json").write_text("{}")
+    os.utime(data / "manifest.json", (1000, 1000))
+    builds = []
+
+    def build(source, verifier, path):
+        builds.append(source)
+        open(path, "w").close()
+        return types.SimpleNamespace(meta={"num_conversations": 3}, num_tokens=30)
+
+    monkeypatch.setattr("specheads.drafters.suffix_index.build_corpus_index", build)
+    monkeypatch.setattr("specheads.verifier.load_verifier", lambda *a, **k: None)
+    path = cli._demo_suffix_index(recipe, "v", False)
+    assert path == str(out / "suffix_answers.safetensors") and builds == [str(data)]
+    os.utime(path, (2000, 2000))
+    assert cli._demo_suffix_index(recipe, "v", False) == path and len(builds) == 1  # unchanged data: reused
+    os.utime(data / "manifest.json", (3000, 3000))  # new answers stored after the index was built
+    assert cli._demo_suffix_index(recipe, "v", False) == path and len(builds) == 2
